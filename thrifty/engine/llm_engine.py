@@ -1,0 +1,163 @@
+"""The engine: requests in, one batched step at a time, text deltas out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from thrifty.config import EngineConfig, ModelConfig
+from thrifty.engine.block_manager import BlockManager
+from thrifty.engine.model_runner import ModelRunner
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.engine.scheduler import Scheduler
+from thrifty.engine.sequence import Sequence, TokenLogprob
+from thrifty.errors import ThriftyError
+from thrifty.loader.weights import load_model
+from thrifty.tokenizer import Tokenizer
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sample of one request."""
+
+    request_id: str
+    index: int
+    delta_text: str
+    token_ids: list[int]  # tokens appended this step
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.seqs[0].num_cached_tokens
+
+
+class LLMEngine:
+    def __init__(self, path: Path, config: EngineConfig, *, allow_pickle: bool = False):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.path = Path(path)
+        self.model_config = ModelConfig.from_dir(self.path)
+        self.tokenizer = Tokenizer.from_dir(self.path, self.model_config.eos_token_ids)
+        model = load_model(
+            self.path,
+            self.model_config,
+            dtype=config.dtype,
+            device=config.device,
+            allow_pickle=allow_pickle,
+        )
+        self.runner = ModelRunner(model, self.model_config, config)
+        capacity = self.runner.num_blocks * config.block_size
+        # A sequence must always fit in the cache alone, or preemption could never make room.
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings, capacity
+        )
+        self.config = config
+        self.blocks = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.blocks)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text, or token ids) for generation; returns its request id."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ThriftyError(f"duplicate request id {request_id!r}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ThriftyError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ThriftyError(
+                f"the prompt has {len(ids)} tokens; this model's context holds {self.max_model_len}"
+                " including at least one generated token"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ThriftyError(f"prompt token ids must be in [0, {vocab})")
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            leader = seqs[0] if seqs else None
+            seqs.append(
+                Sequence.create(
+                    request_id, i, ids, params, self.tokenizer, self.max_model_len, leader
+                )
+            )
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, ids, params, seqs)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        """Schedule, run one forward pass, sample, and report what changed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs, tokens, logprobs = self.runner.step(batch)
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            self.blocks.commit(seq)
+        outputs = []
+        now = time.perf_counter()
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            seq.append(token, self.tokenizer.eos_token_ids)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            request = self.requests[seq.request_id]
+            request.first_token_time = request.first_token_time or now
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq, seq.finish_reason)
+            outputs.append(
+                StepOutput(
+                    seq.request_id,
+                    seq.index,
+                    seq.take_delta(),
+                    [token],
+                    [lp] if lp is not None else [],
+                    seq.finish_reason,
+                )
+            )
+        return outputs
+
+    def pop_finished(self, request_id: str) -> Request | None:
+        """Forget a finished request and return it."""
+        request = self.requests.get(request_id)
+        if request is not None and request.finished:
+            return self.requests.pop(request_id)
+        return None

@@ -1,0 +1,142 @@
+"""A sequence being generated: its tokens, how many are in the KV cache, its output so far."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), best first
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    max_model_len: int
+    leader: Sequence | None = None  # a sibling whose prompt prefill this one waits for
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of those, found in the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of full, computed blocks
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    output_text: str = ""
+    emitted_len: int = 0  # characters of output_text already handed to the caller
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+        if self.params.seed is not None:
+            # Each sample of a seeded request draws from its own stream, whatever the batch.
+            self.generator = torch.Generator().manual_seed(
+                self.params.seed * 1_000_003 + self.index
+            )
+
+    @staticmethod
+    def create(
+        request_id: str,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        leader: Sequence | None = None,
+    ) -> Sequence:
+        detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        return Sequence(request_id, index, list(prompt_ids), params, detok, max_model_len, leader)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def ready(self) -> bool:
+        """Whether it may be admitted: siblings wait until the leader's prompt is in the cache."""
+        lead = self.leader
+        return lead is None or lead.finished or lead.num_computed_tokens >= lead.num_prompt_tokens
+
+    def append(self, token_id: int, eos_token_ids: tuple[int, ...]) -> None:
+        """Add a sampled token, update the text, and decide whether the sequence is done."""
+        self.token_ids.append(token_id)
+        p = self.params
+        stop_token = token_id in p.stop_token_ids or (
+            not p.ignore_eos and token_id in eos_token_ids
+        )
+        if not stop_token:
+            self.output_text += self.detokenizer.step(self.token_ids)
+            if p.stop and self._truncate_at_stop():
+                self.finish_reason = "stop"
+                return
+        if stop_token:
+            self.finish_reason = "stop"
+        elif self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
+            self.finish_reason = "length"
+
+    def _truncate_at_stop(self) -> bool:
+        longest = max(len(s) for s in self.params.stop)
+        start = max(self.emitted_len - longest, 0)
+        hits = [(i, s) for s in self.params.stop if (i := self.output_text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        self.output_text = self.output_text[
+            : i + len(s) if self.params.include_stop_str_in_output else i
+        ]
+        return True
+
+    def take_delta(self) -> str:
+        """Text not yet handed out, holding back a tail that may still grow into a stop string."""
+        end = len(self.output_text)
+        if self.finish_reason is None and self.params.stop:
+            end -= _partial_stop_len(self.output_text, self.params.stop)
+        delta = self.output_text[self.emitted_len : end]
+        self.emitted_len = max(self.emitted_len, end)
+        return delta
+
+
+def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

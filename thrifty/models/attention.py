@@ -1,0 +1,140 @@
+"""Attention over a paged KV cache.
+
+The batch's metadata travels in one scoped context (`forward_context`) set by the model runner, so
+that `model(input_ids, positions)` reads like the math. Every step is one varlen batch: each
+sequence contributes `query_len` new tokens (a prompt chunk, or one token when decoding) and
+attends to all of its `context_len` tokens (those already cached plus the new ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout, shared by every layer.
+
+    N new tokens from B sequences, padded to (B, Tq) queries and (B, Tk) keys for SDPA.
+    """
+
+    slot_mapping: torch.Tensor  # (N,) flat cache slot of each new token
+    key_slots: torch.Tensor  # (B, Tk) flat cache slot of each key, padded with 0
+    attn_mask: torch.Tensor | None  # (B, 1, Tq, Tk) bool; None when no padding is needed
+    query_index: (
+        torch.Tensor | None
+    )  # (N,) row of each new token in the padded (B * Tq); None: decode
+    batch_size: int
+    max_query_len: int
+    causal: bool = False  # one sequence, all of it new: plain causal attention, no mask
+
+
+_context: ContextVar[AttentionMetadata | None] = ContextVar("thrifty_attention", default=None)
+
+
+@contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[None]:
+    token = _context.set(meta)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def get_context() -> AttentionMetadata:
+    meta = _context.get()
+    if meta is None:
+        raise RuntimeError("attention called outside forward_context()")
+    return meta
+
+
+def build_metadata(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Lay out one step: sequence i computes its last query_lens[i] of context_lens[i] tokens."""
+    b = len(query_lens)
+    tq, tk = max(query_lens), max(context_lens)
+    nblk = (tk + block_size - 1) // block_size
+    blocks = torch.tensor([(t[:nblk] + [0] * (nblk - len(t)))[:nblk] for t in block_tables])
+    key_pos = torch.arange(tk)
+    key_slots = blocks[:, key_pos // block_size] * block_size + key_pos % block_size  # (B, Tk)
+    ctx = torch.tensor(context_lens)
+    qlen = torch.tensor(query_lens)
+    start = ctx - qlen  # position of each sequence's first new token
+    new_pos = [torch.arange(s, c) for s, c in zip(start.tolist(), context_lens, strict=True)]
+    slot_mapping = torch.cat([key_slots[i, p] for i, p in enumerate(new_pos)])
+
+    causal = b == 1 and tq == tk
+    if causal or (tq == 1 and all(c == tk for c in context_lens)):
+        # One whole new sequence, or decode with equal lengths (always so at batch 1):
+        # no mask and no padding.
+        mask, query_index = None, None
+    else:
+        q_off = torch.arange(tq)
+        # Padded query rows pretend to be the last token so that no softmax row is empty.
+        q_pos = torch.minimum(start[:, None] + q_off, ctx[:, None] - 1)  # (B, Tq)
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (
+            key_pos[None, None, :] < ctx[:, None, None]
+        )
+        mask = mask.unsqueeze(1)  # (B, 1, Tq, Tk)
+        query_index = torch.cat([i * tq + torch.arange(n) for i, n in enumerate(query_lens)])
+        if tq == 1:
+            query_index = None
+    to = torch.device(device)
+    return AttentionMetadata(
+        slot_mapping=slot_mapping.to(to),
+        key_slots=key_slots.to(to),
+        attn_mask=None if mask is None else mask.to(to),
+        query_index=None if query_index is None else query_index.to(to),
+        batch_size=b,
+        max_query_len=tq,
+        causal=causal,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Store the new k, v in the cache, then attend.
+
+    q: (N, H, D); k, v: (N, Hkv, D); caches: (num_blocks, block_size, Hkv, D). Returns (N, H * D).
+    """
+    meta = get_context()
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    k_flat.index_copy_(0, meta.slot_mapping, k)
+    v_flat.index_copy_(0, meta.slot_mapping, v)
+    keys = k_flat[meta.key_slots].transpose(1, 2)  # (B, Hkv, Tk, D)
+    values = v_flat[meta.key_slots].transpose(1, 2)
+    b, tq = meta.batch_size, meta.max_query_len
+    if meta.query_index is None:
+        queries = q.view(b, tq, h, d)
+    else:
+        queries = q.new_zeros(b * tq, h, d).index_copy_(0, meta.query_index, q).view(b, tq, h, d)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),  # (B, H, Tq, D)
+        keys,
+        values,
+        attn_mask=meta.attn_mask,
+        is_causal=meta.causal and tq > 1,
+        scale=scale,
+        enable_gqa=h != hkv,
+    )
+    out = out.transpose(1, 2).reshape(b * tq, h * d)  # (B * Tq, H * D)
+    return out if meta.query_index is None else out[meta.query_index]

@@ -1,0 +1,127 @@
+"""Building blocks shared by the model families: linear dispatch, RMSNorm, rotary embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thrifty.config import RopeConfig
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + b; the one place a weight's storage format would pick the kernel."""
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Module):
+    """A weight (and optional bias) in the checkpoint's layout (out_features, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference models do.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return y * self.weight
+
+
+def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rotary_dim / 2,) and the cos/sin scale for each rope type."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.type == "default":
+        return inv_freq, 1.0
+    if rope.type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        original = rope.original_max_position_embeddings
+        low_wavelen = original / rope.low_freq_factor
+        high_wavelen = original / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (original / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled), 1.0
+    if rope.type == "yarn":
+        return _yarn_inv_freq(rope, rotary_dim, inv_freq)
+    raise ValueError(f"unknown rope type {rope.type}")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(
+    rope: RopeConfig, dim: int, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    # YaRN (Peng et al. 2023, arXiv:2309.00071): interpolate the low frequencies by `factor`,
+    # extrapolate the high ones, ramp linearly between the dims that turn beta_fast / beta_slow
+    # times over the original context.
+    original = rope.original_max_position_embeddings
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv_freq = (inv_freq / rope.factor) * (1 - extrapolate) + inv_freq * extrapolate
+    if rope.attention_factor is not None:
+        scale = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:
+        scale = yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(
+            rope.factor, rope.mscale_all_dim
+        )
+    else:
+        scale = yarn_mscale(rope.factor)
+    return inv_freq, scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the rotate-half (GPT-NeoX) layout, from a cos/sin table."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
+        super().__init__()
+        self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
+        inv_freq, scale = rope_inv_freq(rope, self.rotary_dim)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (P, rotary_dim / 2)
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+
+    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotate each x of shape (N, heads, head_dim) by the angles of `positions` (N,)."""
+        cos = self.cos[positions].unsqueeze(1)  # (N, 1, rotary_dim / 2)
+        sin = self.sin[positions].unsqueeze(1)
+        return tuple(self._rotate(x, cos, sin) for x in xs)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.cat((out, rest), dim=-1) if rest.numel() else out

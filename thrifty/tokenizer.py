@@ -1,0 +1,140 @@
+"""Tokenizer, chat template and incremental detokenization.
+
+The tokenizer comes from the checkpoint's `tokenizer.json` (for GGUF files, built from the GGUF
+metadata by the converter). Chat templates are rendered in a sandboxed jinja2 environment: a
+template is code shipped with a checkpoint and must not reach Python internals.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from thrifty.errors import ThriftyError
+
+# Used when a checkpoint ships no chat template.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer configs
+        return value.get("content")
+    return value
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=kw.get("sort_keys", False)
+    )
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(
+        self, tokenizer: HFTokenizer, config: dict[str, Any], eos_token_ids: tuple[int, ...]
+    ):
+        self._tok = tokenizer
+        self.bos_token = _token_str(config.get("bos_token"))
+        self.eos_token = _token_str(config.get("eos_token"))
+        self.add_bos_token = bool(config.get("add_bos_token", False))
+        self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        eos_id = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+        ids = set(eos_token_ids) | ({eos_id} if eos_id is not None else set())
+        self.eos_token_ids = tuple(sorted(ids))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str = template or CHATML_TEMPLATE
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(self.chat_template)
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @staticmethod
+    def from_dir(path: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise ThriftyError(f"no tokenizer.json in {path}")
+        try:
+            tok = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise ThriftyError(f"cannot read {tokenizer_file}: {e}") from None
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        template_file = path / "chat_template.jinja"
+        if template_file.exists():
+            config["chat_template"] = template_file.read_text()
+        gen_file = path / "generation_config.json"
+        if gen_file.exists():
+            eos = json.loads(gen_file.read_text()).get("eos_token_id")
+            eos_token_ids += tuple(eos) if isinstance(eos, list) else ((eos,) if eos else ())
+        return Tokenizer(tok, config, eos_token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Render a conversation to the prompt text the model was trained on."""
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
+        except TemplateError as e:
+            raise ThriftyError(f"chat template failed: {e}") from None
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
+
+    Decodes a short window of recent tokens twice (with and without the newest ones) and emits
+    the difference, holding back text while it ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.prefix_offset = max(len(prompt_ids) - 5, 0)
+        self.read_offset = len(prompt_ids)
+
+    def step(self, all_ids: list[int]) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(all_ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full = decode(all_ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(all_ids)
+            return full[len(prefix) :]
+        return ""
