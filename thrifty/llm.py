@@ -1,4 +1,4 @@
-"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, `.chat(...)`, `.stream(...)`."""
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, `.chat()`, `.stream()`."""
 
 from __future__ import annotations
 
