@@ -91,14 +91,18 @@ def pair(request, tmp_path_factory):
     cfg = ModelConfig.from_dir(path)
     model = load_model(path, cfg, dtype=torch.float32)
     engine_config = EngineConfig(
-        dtype=torch.float32, block_size=BLOCK, num_kv_blocks=BLOCKS_PER_SEQ * len(LENGTHS)
+        dtype=torch.float32, block_size=BLOCK, num_kv_blocks=BLOCKS_PER_SEQ * len(LENGTHS) + 1
     )
     ModelRunner(model, cfg, engine_config)  # allocates and attaches the KV cache
     return hf, model
 
 
 def _tables() -> list[list[int]]:
-    return [list(range(i * BLOCKS_PER_SEQ, (i + 1) * BLOCKS_PER_SEQ)) for i in range(len(LENGTHS))]
+    # Block 0 is the null block: tables start at 1.
+    return [
+        list(range(1 + i * BLOCKS_PER_SEQ, 1 + (i + 1) * BLOCKS_PER_SEQ))
+        for i in range(len(LENGTHS))
+    ]
 
 
 def _forward(model, seqs, starts, ends) -> list[torch.Tensor]:

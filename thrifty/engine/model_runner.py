@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from thrifty.config import EngineConfig, ModelConfig
+from thrifty.engine.block_manager import NULL_BLOCK
 from thrifty.engine.sampler import Sampler
 from thrifty.engine.sequence import Sequence, TokenLogprob
 from thrifty.models.attention import build_metadata, forward_context
@@ -27,8 +28,11 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or max(
             config.kv_cache_memory_bytes // block_bytes, 1
         )
-        # (K/V, layer, block, slot, kv head, head dim): one allocation, a view per layer.
-        self.kv_cache = torch.zeros(
+        # (K/V, layer, block, slot, kv head, head dim): one allocation, a view per layer. Left
+        # uninitialised (zeroing a large cache costs seconds of page faults): attention reads
+        # only slots written this or an earlier step, and block 0, the zeroed null block that
+        # padding points to.
+        self.kv_cache = torch.empty(
             2,
             cfg.num_layers,
             self.num_blocks,
@@ -38,6 +42,7 @@ class ModelRunner:
             dtype=config.dtype,
             device=self.device,
         )
+        self.kv_cache[:, :, NULL_BLOCK].zero_()
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.sampler = Sampler()

@@ -67,8 +67,11 @@ def build_metadata(
     nblk = (tk + block_size - 1) // block_size
     blocks = torch.tensor([(t[:nblk] + [0] * (nblk - len(t)))[:nblk] for t in block_tables])
     key_pos = torch.arange(tk)
-    key_slots = blocks[:, key_pos // block_size] * block_size + key_pos % block_size  # (B, Tk)
     ctx = torch.tensor(context_lens)
+    key_slots = blocks[:, key_pos // block_size] * block_size + key_pos % block_size  # (B, Tk)
+    # Keys past a sequence's end read the null block (slot 0): masked, but never garbage, since
+    # 0 * NaN from an uninitialised slot would still poison the output.
+    key_slots = key_slots.masked_fill(key_pos[None, :] >= ctx[:, None], 0)
     qlen = torch.tensor(query_lens)
     start = ctx - qlen  # position of each sequence's first new token
     new_pos = [torch.arange(s, c) for s, c in zip(start.tolist(), context_lens, strict=True)]

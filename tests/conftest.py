@@ -1,0 +1,44 @@
+"""Shared fixtures: the real models, fetched once into the thrifty cache (THRIFTY_HOME)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty import hub
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return hub.pull("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf() -> Path:
+    return hub.pull("qwen2.5-coder-0.5b-instruct", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    from thrifty import LLM
+
+    return LLM("smollm2-135m-instruct", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def transformers_gguf():
+    """Load transformers' own model from a GGUF file (fp32), once per file per session."""
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def load(gguf: Path):
+        if gguf not in cache:
+            cache[gguf] = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            ).eval()
+        return cache[gguf]
+
+    return load
