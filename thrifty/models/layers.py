@@ -35,9 +35,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the activation dtype, as the reference models do.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return y * self.weight
+        # One fused op; for bf16 inputs torch accumulates in float32, as the reference does.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> tuple[torch.Tensor, float]:
@@ -113,15 +112,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each x of shape (N, heads, head_dim) by the angles of `positions` (N,)."""
-        cos = self.cos[positions].unsqueeze(1)  # (N, 1, rotary_dim / 2)
-        sin = self.sin[positions].unsqueeze(1)
-        return tuple(self._rotate(x, cos, sin) for x in xs)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The angles of `positions` (N,), looked up once per forward for every layer."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # (N, 1, rotary_dim / 2)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        return cos, sin
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x of shape (N, heads, head_dim) by angles from `cos_sin`."""
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         x1, x2 = rot.chunk(2, dim=-1)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out

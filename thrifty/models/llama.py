@@ -7,6 +7,8 @@ stored merged (one matmul each), as the loader's `packed_modules` table says.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,18 @@ from torch import nn
 from thrifty.config import ModelConfig
 from thrifty.models.attention import paged_attention
 from thrifty.models.layers import Linear, RMSNorm, RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The step's rotary angles, computed once and shared by every layer."""
+
+    emb: RotaryEmbedding
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emb.rotate(x, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -36,15 +50,17 @@ class Attention(nn.Module):
         # Set by the model runner once the cache is allocated: (num_blocks, block_size, Hkv, D).
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding):
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # (N, H, D)
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        n, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, hkv, d)  # (N, Hkv, D)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+            q, k = qkv[:, : self.q_size].view(n, h, d), qkv[:, self.q_size : -self.kv_size]
+            q, k = rope.rotate(self.q_norm(q)), rope.rotate(self.k_norm(k.view(n, hkv, d)))
+        else:
+            # q and k sit side by side in the fused output: rotate them as one (N, H + Hkv, D).
+            qk = rope.rotate(qkv[:, : self.q_size + self.kv_size].view(n, h + hkv, d))
+            q, k = qk[:, :h], qk[:, h:]
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale)
         return self.o_proj(out)
 
@@ -68,8 +84,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope)
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -107,8 +123,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, hidden) for N new tokens of the batch in the forward context."""
         x = self.model.embed_tokens(input_ids)
+        rope = Rope(self.rotary_emb, *self.rotary_emb.cos_sin(positions, x.dtype))
         for layer in self.model.layers:
-            x = layer(x, positions, self.rotary_emb)
+            x = layer(x, rope)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
