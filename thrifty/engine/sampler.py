@@ -83,9 +83,8 @@ class Sampler:
         self, logits: torch.Tensor, seqs: list[Sequence]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Choose one token per row of `logits` (B, V) float32; logprobs where asked for."""
-        want_logprobs = [s.params.logprobs is not None for s in seqs]
-        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-        t = SamplingTensors.build(seqs, logits.shape[1], logits.device)
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
         if any(
             s.params.repetition_penalty != 1
             or s.params.presence_penalty
@@ -94,9 +93,10 @@ class Sampler:
         ):
             logits = apply_penalties(logits.clone(), seqs)
 
-        if bool(t.greedy.all()):
+        if all(s.params.greedy for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
+            t = SamplingTensors.build(seqs, logits.shape[1], logits.device)
             scaled = top_k_top_p_min_p(logits / t.temperature, t)
             probs = scaled.softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_()
