@@ -61,7 +61,10 @@ class Tokenizer:
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = env.from_string(self.chat_template)
+        try:
+            self._template = env.from_string(self.chat_template)
+        except TemplateError as e:  # a syntax error in the checkpoint's template
+            raise ThriftyError(f"chat template failed to compile: {e}") from None
         self.vocab_size = tokenizer.get_vocab_size()
 
     @staticmethod
@@ -113,7 +116,7 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
                 **kwargs,
             )
-        except TemplateError as e:
+        except (TemplateError, TypeError) as e:  # TypeError: e.g. a message whose content is None
             raise ThriftyError(f"chat template failed: {e}") from None
 
 

@@ -52,6 +52,11 @@ class Request:
 
 class LLMEngine:
     def __init__(self, path: Path, config: EngineConfig, *, allow_pickle: bool = False):
+        try:  # a user-given name: check it before loading weights onto it
+            torch.empty(0, device=config.device)
+        except (RuntimeError, AssertionError) as e:  # torch raises both for missing backends
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ThriftyError(f"device {config.device!r} is not usable: {why}") from None
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.path = Path(path)
