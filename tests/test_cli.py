@@ -1,0 +1,183 @@
+"""The command line as a user meets it: a subprocess, its exit code, stdout and stderr.
+
+Every bad input must end with a non-zero exit and exactly one stderr line starting with
+"error:", never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty import hub
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+LONG_PROMPT = "Tell me everything about the history of the Roman Empire. " * 8
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_one(args: list[str], env: dict[str, str], stdin: str | None) -> Result:
+    proc = subprocess.run(
+        [sys.executable, "-m", "thrifty", *args],
+        cwd=ROOT,
+        # One thread each: two runs share the two cores (see run_all).
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_all(runs: dict[str, tuple[list[str], dict[str, str], str | None]]) -> dict[str, Result]:
+    """Run `python -m thrifty ARGS` for each entry, two at a time in the order given (slow ones
+    first). Two single-threaded runs use two cores better than one run with two threads."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_one, *run) for name, run in runs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def copy_prefix(src: Path, dst: Path, num_bytes: int) -> None:
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while num_bytes > 0 and (chunk := fin.read(min(num_bytes, 1 << 24))):
+            fout.write(chunk)
+            num_bytes -= len(chunk)
+
+
+@pytest.fixture(scope="module")
+def converted() -> Path:
+    return hub.resolve(MODEL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, converted) -> dict[str, tuple[list[str], dict, str]]:
+    """name -> (CLI arguments, extra environment, a phrase the error line must contain)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    small_files = [f for f in converted.iterdir() if f.suffix == ".json"]
+
+    mamba = tmp / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+
+    truncated = tmp / "truncated"
+    truncated.mkdir()
+    for f in small_files:
+        shutil.copy(f, truncated)
+    weights = converted / "model.safetensors"
+    copy_prefix(weights, truncated / "model.safetensors", weights.stat().st_size // 2)
+
+    gguf = tmp / "x.gguf"
+    copy_prefix(hub.pull(MODEL, progress=False), gguf, 1 << 20)
+    home = tmp / "home"
+
+    pickled = tmp / "pickled"
+    pickled.mkdir()
+    for f in small_files:
+        shutil.copy(f, pickled)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, pickled / "pytorch_model.bin")
+
+    return {
+        "missing path": (["run", "./no/such/dir", "hi"], {}, "no such file or directory"),
+        "unknown model": (["run", "no-such-model", "hi"], {}, "unknown model"),
+        "unsupported architecture": (["run", str(mamba), "hi"], {}, "MambaForCausalLM"),
+        "truncated safetensors": (["run", str(truncated), "hi"], {}, "truncated"),
+        "truncated gguf": (["run", str(gguf), "hi"], {"THRIFTY_HOME": str(home)}, "x.gguf"),
+        "pickle without --allow-pickle": (["run", str(pickled), "hi"], {}, "--allow-pickle"),
+        "pickle with --allow-pickle, wrong tensors": (
+            ["run", str(pickled), "hi", "--allow-pickle"],
+            {},
+            "tensor",
+        ),
+        "prompt longer than the context": (
+            ["run", MODEL, LONG_PROMPT, "--max-model-len", "32"],
+            {},
+            "context",
+        ),
+        "negative temperature": (["run", "hi", "--temperature", "-1"], {}, "temperature"),
+        "unknown device": (["run", "hi", "--device", "nosuchdevice"], {}, "nosuchdevice"),
+    }
+
+
+CASES = [
+    "missing path",
+    "unknown model",
+    "unsupported architecture",
+    "truncated safetensors",
+    "truncated gguf",
+    "pickle without --allow-pickle",
+    "pickle with --allow-pickle, wrong tensors",
+    "prompt longer than the context",
+    "negative temperature",
+    "unknown device",
+]
+CHAT_INPUT = "hello\n/reset\nWhat is 2+2?\n/exit\n"
+
+
+@pytest.fixture(scope="module")
+def results(bad_inputs) -> dict[str, Result]:
+    assert sorted(bad_inputs) == sorted(CASES)
+    runs = {
+        "run": (["run", "What is the capital of France?", "--max-tokens", "24"], {}, None),
+        "chat": (["chat", "--max-tokens", "24"], {}, CHAT_INPUT),
+        "models": (["models"], {}, None),
+    }
+    runs |= {name: (args, env, None) for name, (args, env, _) in bad_inputs.items()}
+    return run_all(runs)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line(bad_inputs, results, case):
+    _, env, phrase = bad_inputs[case]
+    proc = results[case]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert phrase in lines[0]
+    if case == "truncated gguf":  # no half-converted model is left in the cache
+        converted_dir = Path(env["THRIFTY_HOME"]) / "converted"
+        assert not converted_dir.exists() or not any(converted_dir.iterdir())
+
+
+def test_run_answers_the_question(results):
+    proc = results["run"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_models_lists_the_cached_model(results):
+    proc = results["models"]
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.startswith(MODEL) for line in proc.stdout.splitlines())
+
+
+def test_chat_answers_resets_and_exits(results):
+    proc = results["chat"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "(conversation cleared)" in proc.stderr
+    # input() writes its ">>> " prompt to stdout when stdin is not a terminal.
+    answers = [part.strip() for part in proc.stdout.split(">>> ") if part.strip()]
+    assert len(answers) == 2, proc.stdout
+    assert "4" in answers[1]
