@@ -1,0 +1,99 @@
+"""CPU fast paths, compiled on first use, each with the pure-torch reference its tests hold it to.
+
+`bf16_linear` is the decode-time matmul: bf16 activations with a few rows times a bf16 weight,
+streamed once from memory with AVX-512 BF16 dot products (csrc/bf16_gemv.cpp). The extension
+is built by torch.utils.cpp_extension (needs a C++ compiler and ninja) into the torch extensions
+directory, once per machine and torch version; where the CPU lacks avx512_bf16 or the build
+fails, `available()` is False and `bf16_linear` falls back to `F.linear`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# Up to this many rows of x (tokens in the step), bf16_linear beats torch's CPU bf16 matmul
+# (benchmarks/kernels_bf16.py); beyond it the matmul is compute-bound and oneDNN wins.
+MAX_ROWS = 16
+
+_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+_STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build
+
+
+def reference_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear in float32 on the same bf16 inputs, rounded once to x's dtype."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), b).to(x.dtype)
+
+
+def available() -> bool:
+    """Whether the compiled bf16 kernel is loaded (builds it on the first call)."""
+    return _extension() is not None
+
+
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ weight^T + bias for bf16 x (..., in) and a contiguous bf16 weight (out, in).
+
+    Fast for few rows of x (up to MAX_ROWS); correct for any. x need not be contiguous (it is
+    copied); a non-contiguous weight or a bias that is not a bf16 vector raises ValueError.
+    """
+    ext = _extension()
+    if ext is None:
+        return F.linear(x, weight, bias)
+    return ext.bf16_linear(x, weight, bias)
+
+
+@functools.cache
+def _extension() -> ModuleType | None:
+    if not _cpu_has_avx512_bf16():
+        logger.debug("bf16 kernel: this CPU lacks avx512_bf16; using torch's matmul")
+        return None
+    try:
+        return _build()
+    except Exception as e:  # no compiler, no ninja, a failed build: run on torch's kernels
+        logger.debug("bf16 kernel: build failed, using torch's matmul: %s", e)
+        return None
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    if shutil.which("ninja") is None:
+        # pip's `ninja` puts its binary next to the interpreter, which may not be on PATH.
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    # One directory per torch version: an extension built against another torch won't import.
+    build_dir = Path(root) / f"thrifty-torch{torch.__version__.replace('+', '-')}" / "bf16_gemv"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # torch would wait on it forever
+    return load(
+        name="thrifty_bf16_gemv",
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+    )
