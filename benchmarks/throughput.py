@@ -1,0 +1,605 @@
+"""Throughput on CPU: thrifty, transformers and llama.cpp side by side on SmolLM2-135M-Instruct.
+
+For each engine and weight type it measures prefill tokens/s (one long prompt), decode tokens/s at
+batch 1 and the aggregate at larger batches (greedy, EOS ignored, timed after every sequence has
+its first token), the model load time (from the conversion cache, after one untimed load) and the
+peak resident memory. Each engine runs in its own subprocess so its memory peak is its own; the
+llama.cpp part runs in a separate interpreter given by --llama-cpp-python.
+
+All engines get the same token ids: consecutive windows of Python's bundled documentation
+(`pydoc_data.topics`), each after the BOS token, so no prompt shares a prefix with another.
+
+    .venv/bin/python benchmarks/throughput.py --llama-cpp-python /tmp/llamacpp/venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+THREADS = 2
+ATTN_IMPLEMENTATION = "sdpa"  # transformers' default for Llama; its cache is the DynamicCache
+BOS_ID = 1
+PAD_ID = 2  # SmolLM2's pad token (= EOS); prompts are equal-length, so no padding is needed
+LLAMA_CPP_N_CTX = 2048
+RESULTS = Path(__file__).resolve().parent / "results"
+ENGINES = ("thrifty", "transformers", "llama.cpp")
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    prefill_len: int  # tokens in the prefill prompt, BOS included
+    decode_prompt_len: int  # tokens in each decode prompt, BOS included
+    max_tokens: int  # tokens generated per sequence in the decode runs
+    batch_sizes: tuple[int, ...]
+    reps: int
+
+
+FULL = Plan(prefill_len=512, decode_prompt_len=64, max_tokens=128, batch_sizes=(1, 8, 32), reps=3)
+QUICK = Plan(prefill_len=128, decode_prompt_len=32, max_tokens=16, batch_sizes=(1, 8, 32), reps=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: one engine, one weight type. Imports only stdlib at module level, since the
+# llama.cpp child runs in an interpreter that has neither torch nor thrifty.
+
+# One generated token: (seconds since the run started, sequence index, token id).
+Event = tuple[float, int, int]
+
+
+class ThriftyRunner:
+    def __init__(self, spec: dict):
+        import torch
+
+        torch.set_num_threads(THREADS)
+        self.dtype = spec["dtype"]
+
+    def load(self) -> None:
+        from thrifty import LLM
+
+        self.llm = LLM(MODEL, dtype=self.dtype, num_threads=THREADS, progress=False)
+
+    def unload(self) -> None:
+        del self.llm
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[Event]:
+        from thrifty import SamplingParams
+
+        engine = self.llm.engine
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
+        index = {engine.add_request(p, params): i for i, p in enumerate(prompts)}
+        events: list[Event] = []
+        while engine.has_unfinished():
+            outputs = engine.step()
+            t = time.perf_counter() - t0
+            events += [(t, index[o.request_id], tok) for o in outputs for tok in o.token_ids]
+        for rid in index:
+            engine.pop_finished(rid)
+        return events
+
+
+class TransformersRunner:
+    def __init__(self, spec: dict):
+        import torch
+
+        torch.set_num_threads(THREADS)
+        self.torch = torch
+        self.dtype = getattr(torch, spec["dtype"])
+        self.path = spec["hf_dir"]
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
+        model.generation_config.eos_token_id = None  # ignore EOS: always max_new_tokens
+        self.model = model.eval()
+
+    def unload(self) -> None:
+        del self.model
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[Event]:
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self.torch
+        width = max(len(p) for p in prompts)  # left padding
+        ids = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        events: list[Event] = []
+        t0 = time.perf_counter()
+
+        class Clock(BaseStreamer):
+            # generate() puts the prompt first, then each step's new tokens, (B,) at a time.
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                t = time.perf_counter() - t0
+                events.extend((t, i, int(tok)) for i, tok in enumerate(value.reshape(-1)))
+
+            def end(self):
+                pass
+
+        with torch.inference_mode():
+            self.model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=PAD_ID,
+                streamer=Clock(),
+            )
+        return events
+
+
+class LlamaCppRunner:
+    def __init__(self, spec: dict):
+        self.path = spec["gguf"]
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=self.path,
+            n_ctx=LLAMA_CPP_N_CTX,
+            n_threads=THREADS,
+            n_threads_batch=THREADS,
+            verbose=False,
+        )
+
+    def unload(self) -> None:
+        self.llm.close()
+        del self.llm
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[Event]:
+        # The high-level Llama object holds one sequence: no batched generation.
+        assert len(prompts) == 1, "llama-cpp-python's high-level API generates one sequence"
+        self.llm.reset()
+        events: list[Event] = []
+        t0 = time.perf_counter()
+        for tok in self.llm.generate(prompts[0], temp=0.0, repeat_penalty=1.0, reset=True):
+            events.append((time.perf_counter() - t0, 0, tok))
+            if len(events) == max_tokens:
+                break
+        return events
+
+
+RUNNERS = {
+    "thrifty": ThriftyRunner,
+    "transformers": TransformersRunner,
+    "llama.cpp": LlamaCppRunner,
+}
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def decode_metrics(events: list[Event], num_seqs: int, max_tokens: int) -> dict:
+    """Decode tokens/s counted from the moment every sequence has its first token."""
+    first: dict[int, float] = {}
+    for t, i, _ in events:
+        first.setdefault(i, t)
+    counts = [sum(1 for _, i, _ in events if i == s) for s in range(num_seqs)]
+    if counts != [max_tokens] * num_seqs:
+        raise RuntimeError(f"expected {max_tokens} tokens per sequence, got {counts}")
+    t_all_first = max(first.values())
+    t_end = max(t for t, _, _ in events)
+    decoded = sum(1 for t, _, _ in events if t > t_all_first)
+    return {
+        "ttft_s": t_all_first,
+        "decode_s": t_end - t_all_first,
+        "decode_tokens": decoded,
+        "tokens_per_s": decoded / (t_end - t_all_first),
+    }
+
+
+def child_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    runner = RUNNERS[spec["engine"]](spec)
+    measure = measure_load if spec["mode"] == "load" else measure_throughput
+    Path(spec["result_path"]).write_text(json.dumps(measure(runner, spec)))
+
+
+def measure_load(runner, spec: dict) -> dict:
+    """Load times, in a process of their own: reloading fragments the heap and would inflate
+    the memory peak of the throughput process."""
+    t = time.perf_counter()
+    runner.load()  # the first load pays for lazy imports and a cold page cache
+    out = {"first_load_s": time.perf_counter() - t, "load_s": []}
+    for _ in range(spec["plan"]["reps"]):
+        runner.unload()
+        gc.collect()
+        t = time.perf_counter()
+        runner.load()
+        out["load_s"].append(time.perf_counter() - t)
+    return out
+
+
+def measure_throughput(runner, spec: dict) -> dict:
+    prompts, max_tokens = spec["prompts"], spec["plan"]["max_tokens"]
+    runner.load()
+    out: dict = {"max_rss_after_load_mib": max_rss_mib()}
+    runner.run(prompts["warmup"][: max(spec["batch_sizes"])], 8)
+    out["prefill_tokens_per_s"] = []
+    for prompt in prompts["prefill"]:
+        events = runner.run([prompt], 1)
+        out["prefill_tokens_per_s"].append(len(prompt) / events[0][0])
+    out["decode"] = {}
+    for b in spec["batch_sizes"]:
+        out["decode"][str(b)] = []
+        for batch in prompts["decode"][str(b)]:
+            events = runner.run(batch, max_tokens)
+            out["decode"][str(b)].append(decode_metrics(events, b, max_tokens))
+            if "greedy_sample" not in out:  # to check that the engines agree
+                out["greedy_sample"] = [tok for _, i, tok in events if i == 0][:32]
+    out["max_rss_mib"] = max_rss_mib()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side: prompts, subprocesses, the report.
+
+
+def make_prompts(hf_dir: Path, plan: Plan, batch_sizes: list[int]) -> dict:
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text).ids
+    pos = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal pos
+        if pos + n - 1 > len(ids):
+            raise RuntimeError("the prompt corpus is too short for this plan")
+        pos += n - 1
+        return [BOS_ID, *ids[pos - (n - 1) : pos]]
+
+    return {
+        "warmup": [take(plan.decode_prompt_len) for _ in range(2)],
+        "prefill": [take(plan.prefill_len) for _ in range(plan.reps)],
+        "decode": {
+            str(b): [[take(plan.decode_prompt_len) for _ in range(b)] for _ in range(plan.reps)]
+            for b in batch_sizes
+        },
+    }
+
+
+def run_child(python: str, spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="thrifty-bench-") as tmp:
+        spec = {**spec, "result_path": str(Path(tmp) / "result.json")}
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
+        proc = subprocess.run(
+            [python, __file__, "--child", str(spec_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        result_path = Path(spec["result_path"])
+        if proc.returncode != 0 or not result_path.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": f"exit status {proc.returncode}: {tail[0]}", "stderr": proc.stderr}
+        return json.loads(result_path.read_text())
+
+
+def llama_cpp_version(python: str | None) -> tuple[str | None, str]:
+    """(version, why it is skipped) for the llama.cpp interpreter."""
+    if not python:
+        return None, "no --llama-cpp-python interpreter given"
+    try:
+        proc = subprocess.run(
+            [python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{python} could not be run: {e}"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return None, f"`import llama_cpp` fails in {python}: {last}"
+    return proc.stdout.strip(), ""
+
+
+class LoadMonitor:
+    """Samples the 1-minute load average while the engines run: 2 cores shared with other work
+    make every timing suspect, so the report says how busy the machine was."""
+
+    def __init__(self, period_s: float = 5.0):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(period_s,), daemon=True)
+
+    def _sample(self, period_s: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+            self._stop.wait(period_s)
+
+    def __enter__(self) -> LoadMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        return {"mean": statistics.fmean(self.samples), "max": max(self.samples)}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads_used": THREADS}
+
+
+def git_revision() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(root), "status", "--porcelain"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(result: dict) -> dict:
+    if "error" in result:
+        return result
+    s = {
+        "load_s": summary(result["load_s"]),
+        "prefill_tokens_per_s": summary(result["prefill_tokens_per_s"]),
+        "max_rss_after_load_mib": result["max_rss_after_load_mib"],
+        "max_rss_mib": result["max_rss_mib"],
+    }
+    for b, runs in result["decode"].items():
+        s[f"decode_b{b}_tokens_per_s"] = summary([r["tokens_per_s"] for r in runs])
+    return s
+
+
+def cell(stat: dict | None, digits: int = 1) -> str:
+    if stat is None:
+        return "n/a"
+    m, lo, hi = stat["median"], stat["min"], stat["max"]
+    if lo == hi:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def render(report: dict) -> str:
+    plan, rows = report["plan"], report["rows"]
+    batches = plan["batch_sizes"]
+    head = ["engine", "weights", f"prefill tok/s ({plan['prefill_len']} tok)"]
+    head += [f"decode tok/s b={b}" for b in batches]
+    head += ["load s", "peak RSS MiB after load", "peak RSS MiB"]
+    lines = [
+        f"# Throughput: {report['model']} on CPU",
+        "",
+        f"{report['date']} · {report['machine']['cpu']}, {report['machine']['cores']} cores,"
+        f" {THREADS} threads · torch {report['versions']['torch']} · transformers"
+        f" {report['versions']['transformers']} · llama-cpp-python"
+        f" {report['versions']['llama_cpp_python'] or 'skipped'} · thrifty {report['revision']}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in rows:
+        name = row["engine"] + (
+            f" ({ATTN_IMPLEMENTATION})" if row["engine"] == "transformers" else ""
+        )
+        s = row["summary"]
+        if "error" in s:
+            lines.append(f"| {name} | {row['weights']} | failed: {s['error']} |")
+            continue
+        cells = [name, row["weights"], cell(s["prefill_tokens_per_s"], 0)]
+        cells += [cell(s.get(f"decode_b{b}_tokens_per_s")) for b in batches]
+        cells += [cell(s["load_s"], 2), f"{s['max_rss_after_load_mib']:.0f}"]
+        cells += [f"{s['max_rss_mib']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Medians of {plan['reps']} runs, (min–max) in brackets. Prefill: one prompt of"
+        f" {plan['prefill_len']} tokens, tokens / time to first token. Decode: greedy, EOS ignored,"
+        f" {plan['max_tokens']} tokens per sequence after {plan['decode_prompt_len']}-token"
+        " prompts, b different prompts submitted together; tokens generated after every"
+        " sequence had its first token / that wall time (aggregate over the batch). Load: the"
+        " median of the loads after one untimed load, from thrifty's conversion cache, in a"
+        " process of its own. Peak RSS: ru_maxrss of a fresh process that loads the engine once"
+        " (after load) and then runs every measurement above (largest batch included).",
+        f"thrifty and transformers load the converted HF directory (dequantized from Q4_1) in the"
+        f" dtype shown; transformers uses `generate` with {ATTN_IMPLEMENTATION} attention and its"
+        " dynamic cache. llama.cpp runs the Q4_1 GGUF itself (its native format, memory-mapped).",
+    ]
+    lines += [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def compare(report: dict) -> list[str]:
+    """Where thrifty is slower than transformers, and whether their greedy tokens agree."""
+    by = {(r["engine"], r["weights"]): r for r in report["rows"]}
+    notes = []
+    for weights in report["dtypes"]:
+        th, tf = by.get(("thrifty", weights)), by.get(("transformers", weights))
+        if not th or not tf or "error" in th["summary"] or "error" in tf["summary"]:
+            continue
+        for key, s in th["summary"].items():
+            if key.endswith("tokens_per_s"):
+                ratio = s["median"] / tf["summary"][key]["median"]
+                if ratio < 1:
+                    notes.append(
+                        f"thrifty {weights} is slower than transformers on {key}: "
+                        f"{ratio:.2f}x ({s['median']:.1f} vs {tf['summary'][key]['median']:.1f})"
+                    )
+        a, b = th["raw"]["greedy_sample"], tf["raw"]["greedy_sample"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+        notes.append(
+            f"greedy tokens, thrifty vs transformers {weights}: first {same} of {len(a)} agree"
+        )
+    return notes
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    p.add_argument(
+        "--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES)
+    )
+    p.add_argument("--llama-cpp-python", metavar="PATH", help="a python interpreter with llama_cpp")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (fewer tokens, 1 rep)")
+    p.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r} (choose from {', '.join(DTYPES)})")
+    for e in args.engines:
+        if e not in ENGINES:
+            p.error(f"unknown engine {e!r} (choose from {', '.join(ENGINES)})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child_main(args.child)
+        return
+    from thrifty import hub
+
+    plan = QUICK if args.quick else FULL
+    gguf = hub.pull(MODEL)
+    hf_dir = hub.resolve(MODEL)  # converts once; every load below comes from this cache
+    prompts = make_prompts(hf_dir, plan, list(plan.batch_sizes))
+    notes: list[str] = []
+    llama_version, why = llama_cpp_version(args.llama_cpp_python)
+    jobs = [(e, d) for e in ("thrifty", "transformers") if e in args.engines for d in args.dtypes]
+    if "llama.cpp" in args.engines:
+        if llama_version:
+            jobs.append(("llama.cpp", "Q4_1"))
+            notes.append(
+                "llama.cpp: decode at batch 1 only; llama-cpp-python's high-level `Llama` API "
+                "generates one sequence at a time (no batched generation)."
+            )
+        else:
+            print(f"llama.cpp skipped: {why}", file=sys.stderr)
+            notes.append(f"llama.cpp skipped: {why}.")
+
+    rows = []
+    for engine, dtype in jobs:
+        print(f"running {engine} {dtype} ...", file=sys.stderr, flush=True)
+        llama = engine == "llama.cpp"
+        spec = {
+            "engine": engine,
+            "dtype": DTYPES.get(dtype, dtype),
+            "plan": dataclasses.asdict(plan),
+            "batch_sizes": [1] if llama else list(plan.batch_sizes),
+            "prompts": prompts,
+            "hf_dir": str(hf_dir),
+            "gguf": str(gguf),
+        }
+        python = args.llama_cpp_python if llama else sys.executable
+        t = time.perf_counter()
+        with LoadMonitor() as load:
+            raw = run_child(python, {**spec, "mode": "load"})
+            if "error" not in raw:
+                raw |= run_child(python, {**spec, "mode": "run"})
+        raw["wall_s"] = time.perf_counter() - t
+        raw["load_average"] = load.summary()
+        print(
+            f"  done in {raw['wall_s']:.0f} s, load average {raw['load_average']['mean']:.1f}"
+            f" (max {raw['load_average']['max']:.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if "error" in raw:
+            print(f"  {engine} {dtype} failed:\n{raw['stderr']}", file=sys.stderr)
+        rows.append({"engine": engine, "weights": dtype, "summary": summarize(raw), "raw": raw})
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    report = {
+        "model": MODEL,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": version("torch"),
+            "transformers": version("transformers"),
+            "llama_cpp_python": llama_version,
+        },
+        "revision": git_revision(),
+        "quick": args.quick,
+        "plan": dataclasses.asdict(plan),
+        "dtypes": args.dtypes,
+        "transformers_attention": ATTN_IMPLEMENTATION,
+        "notes": notes,
+        "rows": rows,
+    }
+    loads = [r["raw"]["load_average"] for r in rows]
+    if loads:
+        busiest = max(x["max"] for x in loads)
+        report["notes"].append(
+            f"1-minute load average while the engines ran: mean"
+            f" {statistics.fmean(x['mean'] for x in loads):.1f}, max {busiest:.1f}, on"
+            f" {os.cpu_count()} cores (this benchmark alone accounts for about {THREADS})."
+            + (" The machine was shared: timings are unreliable." if busiest > THREADS + 1 else "")
+        )
+    report["notes"] += compare(report)
+    table = render(report)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "throughput_quick" if args.quick else "throughput"  # a smoke run keeps the real one
+    (RESULTS / f"{stem}.md").write_text(table)
+    for row in rows:
+        row["raw"].pop("stderr", None)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS / stem}.md and .json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
