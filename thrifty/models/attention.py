@@ -126,6 +126,8 @@ def paged_attention(
     keys = k_flat[meta.key_slots].transpose(1, 2)  # (B, Hkv, Tk, D)
     values = v_flat[meta.key_slots].transpose(1, 2)
     b, tq = meta.batch_size, meta.max_query_len
+    if tq == 1:
+        return _decode_attention(q, keys, values, meta.attn_mask, scale)
     if meta.query_index is None:
         queries = q.view(b, tq, h, d)
     else:
@@ -141,3 +143,25 @@ def paged_attention(
     )
     out = out.transpose(1, 2).reshape(b * tq, h * d)  # (B * Tq, H * D)
     return out if meta.query_index is None else out[meta.query_index]
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence: two batched matmuls, cheaper than SDPA's kernel set-up here.
+
+    q: (B, H, D); keys, values: (B, Hkv, Tk, D); mask: (B, 1, 1, Tk) or None. The G = H / Hkv
+    query heads that share a KV head are stacked as G rows against it.
+    """
+    b, h, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # (B, Hkv, G, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, h * d)  # (B, H * D)
