@@ -126,7 +126,7 @@ def paged_attention(
     keys = k_flat[meta.key_slots].transpose(1, 2)  # (B, Hkv, Tk, D)
     values = v_flat[meta.key_slots].transpose(1, 2)
     b, tq = meta.batch_size, meta.max_query_len
-    if tq == 1:
+    if tq == 1 and b > 1:
         return _decode_attention(q, keys, values, meta.attn_mask, scale)
     if meta.query_index is None:
         queries = q.view(b, tq, h, d)
@@ -152,7 +152,10 @@ def _decode_attention(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence: two batched matmuls, cheaper than SDPA's kernel set-up here.
+    """One query per sequence, several sequences: two batched matmuls.
+
+    On the CPU this doubles SDPA's aggregate throughput at 32 sequences; at one sequence SDPA
+    is the faster of the two.
 
     q: (B, H, D); keys, values: (B, Hkv, Tk, D); mask: (B, 1, 1, Tk) or None. The G = H / Hkv
     query heads that share a KV head are stacked as G rows against it.
