@@ -75,7 +75,9 @@ def _cpu_has_avx512_bf16() -> bool:
     return bool(check and check())
 
 
-def _build() -> ModuleType:
+def _build(
+    name: str = "thrifty_bf16_gemv", source: Path = _SOURCE, cflags: list[str] = _CFLAGS
+) -> ModuleType:
     from torch.utils.cpp_extension import get_default_build_root, load
 
     if shutil.which("ninja") is None:
@@ -85,15 +87,85 @@ def _build() -> ModuleType:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     # One directory per torch version: an extension built against another torch won't import.
-    build_dir = Path(root) / f"thrifty-torch{torch.__version__.replace('+', '-')}" / "bf16_gemv"
+    build_dir = Path(root) / f"thrifty-torch{torch.__version__.replace('+', '-')}" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     lock = build_dir / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # torch would wait on it forever
     return load(
-        name="thrifty_bf16_gemv",
-        sources=[str(_SOURCE)],
-        extra_cflags=_CFLAGS,
+        name=name,
+        sources=[str(source)],
+        extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )
+
+
+# Reassociation lets gcc vectorise the float reductions; -march=native: built where it runs.
+_ATTENTION_CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
+
+
+@functools.cache
+def _attention_extension() -> ModuleType | None:
+    try:
+        return _build(
+            "thrifty_paged_attention",
+            Path(__file__).parent / "csrc" / "paged_decode_attention.cpp",
+            _ATTENTION_CFLAGS,
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: use the torch path
+        logger.debug("paged attention kernel: build failed, using torch: %s", e)
+        return None
+
+
+def paged_attention_available() -> bool:
+    """Whether the compiled paged decode-attention kernel is loaded (builds it on first call)."""
+    return _attention_extension() is not None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query per sequence over the paged cache, read through the block table.
+
+    q: (B, H, D); caches: (num_blocks, block_size, Hkv, D); block_tables: (B, max_blocks) int64;
+    context_lens: (B,) int64. Returns (B, H * D).
+    """
+    return _attention_extension().paged_decode_attention(
+        q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+
+
+def reference_paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Pure torch, float32, one sequence at a time: what the kernel is held to."""
+    outs = []
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        pos = torch.arange(n)
+        slots = block_tables[b, pos // block_size] * block_size + pos % block_size
+        k = k_cache.flatten(0, 1)[slots].float().transpose(0, 1)  # (Hkv, T, D)
+        v = v_cache.flatten(0, 1)[slots].float().transpose(0, 1)
+        qb = q[b].float().view(hkv, -1, q.shape[-1])  # (Hkv, G, D)
+        p = (qb @ k.transpose(1, 2) * scale).softmax(-1)
+        outs.append((p @ v).reshape(-1))
+    return torch.stack(outs).to(q.dtype)

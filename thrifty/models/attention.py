@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from thrifty import kernels
+
 
 @dataclass
 class AttentionMetadata:
@@ -33,6 +35,9 @@ class AttentionMetadata:
     batch_size: int
     max_query_len: int
     causal: bool = False  # one sequence, all of it new: plain causal attention, no mask
+    # Decode on the CPU with the compiled kernel: it reads the cache through these directly.
+    block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
+    context_lens: torch.Tensor | None = None  # (B,) int64
 
 
 _context: ContextVar[AttentionMetadata | None] = ContextVar("thrifty_attention", default=None)
@@ -94,6 +99,7 @@ def build_metadata(
         if tq == 1:
             query_index = None
     to = torch.device(device)
+    decode_kernel = tq == 1 and to.type == "cpu" and kernels.paged_attention_available()
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(to),
         key_slots=key_slots.to(to),
@@ -102,6 +108,8 @@ def build_metadata(
         batch_size=b,
         max_query_len=tq,
         causal=causal,
+        block_tables=blocks if decode_kernel else None,
+        context_lens=ctx if decode_kernel else None,
     )
 
 
@@ -123,6 +131,10 @@ def paged_attention(
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
+    if meta.block_tables is not None and q.dtype in (torch.float32, torch.bfloat16):
+        return kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+        )
     keys = k_flat[meta.key_slots].transpose(1, 2)  # (B, Hkv, Tk, D)
     values = v_flat[meta.key_slots].transpose(1, 2)
     b, tq = meta.batch_size, meta.max_query_len
