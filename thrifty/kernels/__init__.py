@@ -113,21 +113,21 @@ _ATTENTION_CFLAGS = [
 
 
 @functools.cache
-def _attention_extension() -> ModuleType | None:
+def _cpu_ops() -> ModuleType | None:
     try:
         return _build(
-            "thrifty_paged_attention",
-            Path(__file__).parent / "csrc" / "paged_decode_attention.cpp",
+            "thrifty_cpu_ops",
+            Path(__file__).parent / "csrc" / "cpu_ops.cpp",
             _ATTENTION_CFLAGS,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: use the torch path
-        logger.debug("paged attention kernel: build failed, using torch: %s", e)
+        logger.debug("cpu ops (attention, norm): build failed, using torch: %s", e)
         return None
 
 
-def paged_attention_available() -> bool:
-    """Whether the compiled paged decode-attention kernel is loaded (builds it on first call)."""
-    return _attention_extension() is not None
+def cpu_ops_available() -> bool:
+    """Whether the compiled decode-attention and RMSNorm ops are loaded (built on first call)."""
+    return _cpu_ops() is not None
 
 
 def paged_decode_attention(
@@ -143,9 +143,7 @@ def paged_decode_attention(
     q: (B, H, D); caches: (num_blocks, block_size, Hkv, D); block_tables: (B, max_blocks) int64;
     context_lens: (B,) int64. Returns (B, H * D).
     """
-    return _attention_extension().paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale
-    )
+    return _cpu_ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def reference_paged_decode_attention(
@@ -169,3 +167,14 @@ def reference_paged_decode_attention(
         p = (qb @ k.transpose(1, 2) * scale).softmax(-1)
         outs.append((p @ v).reshape(-1))
     return torch.stack(outs).to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (float32 inside), compiled: one call instead of six ops."""
+    return _cpu_ops().rms_norm(x, weight, eps)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight

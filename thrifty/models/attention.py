@@ -99,7 +99,7 @@ def build_metadata(
         if tq == 1:
             query_index = None
     to = torch.device(device)
-    decode_kernel = tq == 1 and to.type == "cpu" and kernels.paged_attention_available()
+    decode_kernel = tq == 1 and to.type == "cpu" and kernels.cpu_ops_available()
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(to),
         key_slots=key_slots.to(to),

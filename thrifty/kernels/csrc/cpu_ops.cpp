@@ -1,3 +1,6 @@
+// Small CPU ops of the decode step, where torch's per-op overhead outweighs the work:
+// paged decode attention and RMSNorm.
+//
 // Decode attention straight over the paged KV cache: one query token per sequence, keys and
 // values read in place through the block table (no gather into a padded copy).
 //
@@ -107,9 +110,46 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+template <typename T>
+void rms_rows(const T* x, const T* w, T* out, int64_t N, int64_t D, float eps) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* xr = x + n * D;
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = to_float(xr[d]);
+        ss += v * v;
+      }
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+      // As the reference models: normalise in float32, round to the activation dtype, then
+      // scale by the weight.
+      for (int64_t d = 0; d < D; ++d)
+        out[n * D + d] = static_cast<T>(to_float(static_cast<T>(to_float(xr[d]) * inv)) * to_float(w[d]));
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must share a dtype");
+  x = x.contiguous();
+  const int64_t D = x.size(-1), N = x.numel() / D;
+  TORCH_CHECK(weight.numel() == D && weight.is_contiguous(), "weight must be a (D,) vector");
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16) {
+    rms_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
+                            out.data_ptr<c10::BFloat16>(), N, D, static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "only float32 and bfloat16 are supported");
+    rms_rows<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), N, D,
+                    static_cast<float>(eps));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "attention of one query per sequence over the paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 inside");
 }

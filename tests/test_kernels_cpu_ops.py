@@ -1,4 +1,4 @@
-"""The compiled paged decode-attention kernel against its pure-torch reference."""
+"""The compiled CPU ops (paged decode attention, RMSNorm) against their pure-torch references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from thrifty import kernels
 
 def test_kernel_builds_here():
     # This machine has a compiler and ninja: a silent fallback would hide a broken build.
-    assert kernels.paged_attention_available()
+    assert kernels.cpu_ops_available()
 
 
 @settings(max_examples=30, deadline=None)
@@ -41,5 +41,22 @@ def test_matches_reference(batch, kv_heads, group, head_dim, block_size, dtype, 
     want = kernels.reference_paged_decode_attention(
         q, k_cache, v_cache, tables, context_lens, scale
     )
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    dim=st.sampled_from([1, 7, 64, 576, 896]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_matches_reference(rows, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    w = torch.randn(dim, generator=g).to(dtype)
+    got = kernels.rms_norm(x, w, 1e-5)
+    want = kernels.reference_rms_norm(x, w, 1e-5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
