@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows of x (tokens in the step), bf16_linear beats torch's CPU bf16 matmul
+# Up to this many rows of x (tokens in the step), bf16_linear beats or matches torch's CPU bf16 matmul
 # (benchmarks/kernels_bf16.py); beyond it the matmul is compute-bound and oneDNN wins.
-MAX_ROWS = 16
+MAX_ROWS = 32
 
 _SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
