@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows of x (tokens in the step), bf16_linear beats or matches torch's CPU bf16 matmul
-# (benchmarks/kernels_bf16.py); beyond it the matmul is compute-bound and oneDNN wins.
+# Up to this many rows of x (tokens in the step), bf16_linear beats or matches torch's CPU bf16
+# matmul (benchmarks/kernels_bf16.py, and batch-32 decode end to end); beyond it oneDNN wins.
 MAX_ROWS = 32
 
 _SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
