@@ -119,8 +119,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
     llm = _llm(args, args.model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
-    print("thrifty chat: /reset clears the conversation, /exit or Ctrl-D leaves, "
-          "Ctrl-C stops an answer.", file=sys.stderr)
+    print(
+        "thrifty chat: /reset clears the conversation, /exit or Ctrl-D leaves, "
+        "Ctrl-C stops an answer.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input(">>> ")
