@@ -19,8 +19,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     which reads each weight byte once; everything else goes to torch's matmul.
     """
     if (
-        weight.dtype == torch.bfloat16
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
         and weight.device.type == "cpu"
+        and weight.is_contiguous()
         and x.numel() <= kernels.MAX_ROWS * x.shape[-1]
         and kernels.available()
     ):
