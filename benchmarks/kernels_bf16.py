@@ -1,5 +1,6 @@
 """bf16 linear at decode-sized M on the CPU: torch's F.linear, oneDNN with a prepacked weight, and
-thrifty's AVX-512 BF16 kernel (thrifty.kernels.bf16_linear).
+thrifty's two AVX-512 BF16 kernels: the GEMV on the checkpoint's layout (kernels.bf16_linear) and
+the kernel on the packed layout the engine loads weights into (kernels.packed_linear).
 
 Each call reads a different copy of the weight, rotating over enough copies (> 2x L3) that the
 weight comes from DRAM, as it does in a real decode step. The methods run interleaved, round by
@@ -59,7 +60,11 @@ def methods(m: int) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], L
             lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
         )
     if kernels.available():
-        out["thrifty"] = (lambda w: w, lambda x, w: kernels.bf16_linear(x, w, None))
+        out["gemv"] = (lambda w: w, lambda x, w: kernels.bf16_linear(x, w, None))
+        out["packed"] = (
+            kernels.pack_weight,
+            lambda x, w: kernels.packed_linear(x, w, None),
+        )
     return out
 
 

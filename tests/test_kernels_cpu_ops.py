@@ -60,3 +60,66 @@ def test_rms_norm_matches_reference(rows, dim, dtype, seed):
     want = kernels.reference_rms_norm(x, w, 1e-5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    kv_heads=st.sampled_from([1, 3]),
+    head_dim=st.sampled_from([8, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_store_kv_matches_reference(tokens, kv_heads, head_dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (8, 16, kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=g).to(dtype), torch.randn(shape).to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(8 * 16, generator=g)[:tokens]
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    kernels.store_kv(k, v, k_cache, v_cache, slots)
+    kernels.reference_store_kv(k, v, want_k, want_v, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_store_kv_refuses_a_slot_outside_the_cache():
+    cache = torch.zeros(2, 4, 1, 8)
+    k = torch.ones(1, 1, 8)
+    try:
+        kernels.store_kv(k, k, cache, cache.clone(), torch.tensor([8]))
+    except RuntimeError as e:
+        assert "slot out of range" in str(e)
+    else:
+        raise AssertionError("an out-of-range slot was written")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 33),
+    half=st.sampled_from([1, 15, 16, 17, 1536]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_silu_and_mul_matches_reference(rows, half, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, 2 * half, generator=g) * 4).to(dtype)
+    got = kernels.silu_and_mul(x)
+    want = kernels.reference_silu_and_mul(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 33),
+    vocab=st.integers(1, 3000),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_argmax_matches_torch(rows, vocab, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g)
+    if ties:  # integer-valued logits: many rows have several maxima
+        x = x.mul(2).round()
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))

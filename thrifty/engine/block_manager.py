@@ -93,7 +93,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        # Speculative decoding counts accepted drafts as computed before they are appended:
+        # key only blocks whose tokens are all known (the rest at the next commit).
+        computed = min(seq.num_computed_tokens, seq.num_tokens)
+        for i in range(len(seq.block_hashes), computed // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = self._chain(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
             block = seq.block_table[i]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -12,8 +14,14 @@ from thrifty.engine.sequence import Sequence, TokenLogprob
 from thrifty.models.attention import build_metadata, forward_context
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V for every layer: 2 * layers * kv_heads * head_dim * element size."""
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, model: nn.Module | None = None) -> int:
+    """K and V for every layer: 2 * layers * kv_heads * head_dim * element size.
+
+    A model that declares its own cache layout (`kv_cache_layout()`: cached layers, then the
+    per-token shape; DeepSeek's latent attention keeps one latent + rope key) takes that size.
+    """
+    if model is not None and hasattr(model, "kv_cache_layout"):
+        return math.prod(model.kv_cache_layout()) * dtype.itemsize
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
@@ -24,10 +32,24 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        block_bytes = kv_bytes_per_token(cfg, config.dtype) * config.block_size
+        block_bytes = kv_bytes_per_token(cfg, config.dtype, model) * config.block_size
         self.num_blocks = config.num_kv_blocks or max(
             config.kv_cache_memory_bytes // block_bytes, 1
         )
+        if hasattr(model, "kv_cache_layout"):
+            # The model's own layout: (layer, block, slot, *per-token shape), a view per layer.
+            layers, *per_token = model.kv_cache_layout()
+            shape = (layers, self.num_blocks, config.block_size, *per_token)
+            self.kv_cache = torch.empty(shape, dtype=config.dtype, device=self.device)
+            self.kv_cache[:, NULL_BLOCK].zero_()
+            model.attach_kv_cache(self.kv_cache)
+        else:
+            self._allocate_kv_heads(model, cfg, config)
+        self.sampler = Sampler()
+        self.num_prefill_tokens = 0  # prompt tokens computed (not served from the prefix cache)
+        self.num_decode_tokens = 0
+
+    def _allocate_kv_heads(self, model: nn.Module, cfg: ModelConfig, config: EngineConfig) -> None:
         # (K/V, layer, block, slot, kv head, head dim): one allocation, a view per layer. Left
         # uninitialised (zeroing a large cache costs seconds of page faults): attention reads
         # only slots written this or an earlier step, and block 0, the zeroed null block that
@@ -45,9 +67,6 @@ class ModelRunner:
         self.kv_cache[:, :, NULL_BLOCK].zero_()
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.sampler = Sampler()
-        self.num_prefill_tokens = 0  # prompt tokens computed (not served from the prefix cache)
-        self.num_decode_tokens = 0
 
     @torch.inference_mode()
     def step(

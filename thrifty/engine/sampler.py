@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thrifty import kernels
 from thrifty.engine.sequence import Sequence, TokenLogprob
 
 
@@ -78,6 +79,14 @@ def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    # torch's CPU argmax over a 50k-wide row runs at under 1 GB/s; the compiled one at memory speed.
+    on_cpu = logits.device.type == "cpu" and logits.dtype == torch.float32
+    if on_cpu and kernels.cpu_ops_available():
+        return kernels.argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence]
@@ -94,7 +103,7 @@ class Sampler:
             logits = apply_penalties(logits.clone(), seqs)
 
         if all(s.params.greedy for s in seqs):
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax(logits)
         else:
             t = SamplingTensors.build(seqs, logits.shape[1], logits.device)
             scaled = top_k_top_p_min_p(logits / t.temperature, t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -48,6 +49,11 @@ class Sequence:
     emitted_len: int = 0  # characters of output_text already handed to the caller
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Called with each sampled token; returns the tokens to append in its place (the token
+    # itself, others, or it followed by more). The injected tokens are computed by the next
+    # step like a prompt chunk, on the same KV cache. Test-time scaling uses it for a
+    # thinking budget (thrifty.tts.thinking).
+    token_hook: Callable[[Sequence, int], list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -92,8 +98,17 @@ class Sequence:
         lead = self.leader
         return lead is None or lead.finished or lead.num_computed_tokens >= lead.num_prompt_tokens
 
-    def append(self, token_id: int, eos_token_ids: tuple[int, ...]) -> None:
-        """Add a sampled token, update the text, and decide whether the sequence is done."""
+    def append(self, token_id: int, eos_token_ids: tuple[int, ...]) -> list[int]:
+        """Add a sampled token (or what the token hook puts in its place), update the text, and
+        decide whether the sequence is done. Returns the tokens appended."""
+        ids = self.token_hook(self, token_id) if self.token_hook is not None else [token_id]
+        for i, t in enumerate(ids):
+            self._append_one(t, eos_token_ids)
+            if self.finish_reason is not None:
+                return ids[: i + 1]
+        return ids
+
+    def _append_one(self, token_id: int, eos_token_ids: tuple[int, ...]) -> None:
         self.token_ids.append(token_id)
         p = self.params
         stop_token = token_id in p.stop_token_ids or (

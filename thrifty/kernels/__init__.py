@@ -178,3 +178,88 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write k, v (N, Hkv, D) into the caches at flat slots slot_mapping (N,) int64."""
+    _cpu_ops().store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def reference_store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] on the last dim, float32 inside, rounded once."""
+    return _cpu_ops().silu_and_mul(x)
+
+
+def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of float32 (B, V) logits (first index on ties), as torch.argmax(-1)."""
+    return _cpu_ops().argmax_rows(logits)
+
+
+# Packed weights: W (N, K) -> panels of 16 output rows, each column (for bf16, each pair of
+# columns interleaved) holding the panel's 16 values side by side: (N / 16, K / 2, 32) for bf16,
+# (N / 16, K, 16) for float32. The layout AVX-512 dot products and FMAs want (csrc/bf16_gemv.cpp).
+PANEL_ROWS = 16
+_PANEL_COLS = {torch.bfloat16: 2, torch.float32: 1}  # columns of x per step of the kernel
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether this weight can take the packed layout."""
+    cols = _PANEL_COLS.get(weight.dtype)
+    if cols is None or weight.dim() != 2 or weight.device.type != "cpu":
+        return False
+    n, k = weight.shape
+    return n > 0 and k > 0 and n % PANEL_ROWS == 0 and k % cols == 0
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N / 16, K / c, 16 c), c = 2 for bf16, 1 for float32; see can_pack."""
+    n, k = weight.shape
+    c = _PANEL_COLS[weight.dtype]
+    panels = weight.reshape(n // PANEL_ROWS, PANEL_ROWS, k // c, c).permute(0, 2, 1, 3)
+    return panels.contiguous().view(n // PANEL_ROWS, k // c, c * PANEL_ROWS)
+
+
+def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_weight."""
+    p, steps, width = packed.shape
+    c = width // PANEL_ROWS
+    panels = packed.view(p, steps, PANEL_ROWS, c).permute(0, 2, 1, 3)
+    return panels.reshape(p * PANEL_ROWS, steps * c)
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (any shape of int64) of the unpacked weight: embeddings tied to a packed head."""
+    p, steps, width = packed.shape
+    c = width // PANEL_ROWS
+    flat = rows.reshape(-1)
+    out = packed.view(p, steps, PANEL_ROWS, c)[flat // PANEL_ROWS, :, flat % PANEL_ROWS]
+    return out.reshape(*rows.shape, steps * c)  # out: (T, K / c, c)
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ W^T + bias for x (..., K) in the weight's dtype and W packed by pack_weight."""
+    return _extension().packed_linear(x, packed, bias)

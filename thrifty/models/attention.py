@@ -129,8 +129,11 @@ def paged_attention(
     n, h, d = q.shape
     hkv = k.shape[1]
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    k_flat.index_copy_(0, meta.slot_mapping, k)
-    v_flat.index_copy_(0, meta.slot_mapping, v)
+    if k.device.type == "cpu" and kernels.cpu_ops_available():
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # index_copy_ is slow here
+    else:
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
     if meta.block_tables is not None and q.dtype in (torch.float32, torch.bfloat16):
         return kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale

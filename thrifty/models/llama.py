@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from thrifty.config import ModelConfig
 from thrifty.models.attention import paged_attention
-from thrifty.models.layers import Linear, RMSNorm, RotaryEmbedding
+from thrifty.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, silu_and_mul
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -92,14 +90,15 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
     """Also Qwen2ForCausalLM and Qwen3ForCausalLM: the differences are flags in ModelConfig."""
+
+    packs_weights = True  # every weight goes through linear() or the embedding: see pack_linears
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

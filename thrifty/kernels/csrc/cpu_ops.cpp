@@ -11,9 +11,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "simd.h"
+#endif
+
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -26,8 +31,9 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+// The portable version: one element at a time, accumulation in float32.
 template <typename T>
-void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+void attend_scalar(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
             const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t G = H / Hkv;
@@ -77,6 +83,140 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
     }
   });
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+// Storage type as the SIMD loads see it: bfloat16 is its raw 16 bits.
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+
+template <typename R>
+inline void prefetch_row(const R* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * int64_t(sizeof(R)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// One (sequence, kv head) task, C chunks of 16 lanes per head (D <= 16 C; lanes past D are
+// masked off by `tail`). k[t], v[t]: the rows of token t, len + 15 of them (the extra repeat
+// the last row). qf: (G, C, 16) scaled queries; scores: G * padded floats of scratch; out:
+// (G, C, 16). Scores go 16 tokens per pass, 16 dot products folded by one transpose-add; the
+// weighted sum of values keeps the C accumulators of one head in registers.
+template <typename R, int C>
+void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
+                 int64_t D, __mmask16 tail, float* scores, float* out) {
+  using namespace thrifty_simd;
+  const int64_t padded = (len + 15) / 16 * 16;
+  const __mmask16 full = 0xFFFF;
+  // The block table scatters the rows where the hardware prefetcher can't follow: fetch the
+  // next 16 keys while these are scored, and values kAhead tokens ahead.
+  constexpr int64_t kAhead = 8;
+  for (int64_t t = 0; t < std::min<int64_t>(16, len); ++t) prefetch_row(k[t], D);
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    for (int64_t t = t0 + 16; t < std::min(t0 + 32, len); ++t) prefetch_row(k[t], D);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 dots[16];
+      for (int j = 0; j < 16; ++j) dots[j] = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) {
+        const __m512 qv = _mm512_loadu_ps(qf + (g * C + c) * 16);
+        const __mmask16 m = c == C - 1 ? tail : full;
+        for (int j = 0; j < 16; ++j)
+          dots[j] = _mm512_fmadd_ps(qv, load_f32(k[t0 + j] + c * 16, m), dots[j]);
+      }
+      _mm512_storeu_ps(scores + g * padded + t0, reduce16(dots));
+    }
+  }
+  for (int64_t t = 0; t < std::min(kAhead, len); ++t) prefetch_row(v[t], D);
+  const __mmask16 last = static_cast<__mmask16>((1u << (len - (padded - 16))) - 1);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * padded;  // softmax over the len scores of head g
+    __m512 mv = neg_inf;
+    for (int64_t t0 = 0; t0 < padded; t0 += 16)
+      mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(neg_inf, t0 + 16 < padded ? full : last, s + t0));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sv = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t0), mx));
+      const __m512 em = _mm512_maskz_mov_ps(t0 + 16 < padded ? full : last, e);
+      _mm512_storeu_ps(s + t0, em);
+      sv = _mm512_add_ps(sv, em);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sv);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      if (g == 0 && t + kAhead < len) prefetch_row(v[t + kAhead], D);
+      const __m512 pt = _mm512_set1_ps(s[t]);
+      for (int c = 0; c < C; ++c)
+        acc[c] = _mm512_fmadd_ps(pt, load_f32(v[t] + c * 16, c == C - 1 ? tail : full), acc[c]);
+    }
+    for (int c = 0; c < C; ++c)
+      _mm512_storeu_ps(out + (g * C + c) * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+  }
+}
+
+template <typename T, int C>
+void attend_simd(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                 const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                 int64_t block_size, int64_t max_blocks, float scale) {
+  using R = typename Raw<T>::type;
+  const int64_t G = H / Hkv, row = Hkv * D;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (D - (C - 1) * 16)) - 1);
+  const auto* qr = reinterpret_cast<const R*>(q);
+  const auto* kc = reinterpret_cast<const R*>(k_cache);
+  const auto* vc = reinterpret_cast<const R*>(v_cache);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * C * 16), res(G * C * 16), scores;
+    std::vector<const R*> k, v;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, kvh = task % Hkv, len = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      k.resize(len + 15);
+      v.resize(len + 15);
+      for (int64_t t = 0; t < len + 15; ++t) {
+        const int64_t tt = std::min(t, len - 1);
+        const int64_t offset = (table[tt / block_size] * block_size + tt % block_size) * row + kvh * D;
+        k[t] = kc + offset;
+        v[t] = vc + offset;
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) {
+          const R* qg = qr + (b * H + kvh * G + g) * D + c * 16;
+          const __m512 x = thrifty_simd::load_f32(qg, c == C - 1 ? tail : __mmask16(0xFFFF));
+          _mm512_storeu_ps(&qf[(g * C + c) * 16], _mm512_mul_ps(x, _mm512_set1_ps(scale)));
+        }
+      scores.resize(G * ((len + 15) / 16 * 16));
+      attend_task<R, C>(qf.data(), k.data(), v.data(), len, G, D, tail, scores.data(), res.data());
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          out[(b * H + kvh * G + g) * D + d] = static_cast<T>(res[g * C * 16 + d]);
+    }
+  });
+}
+
+#endif
+
+// Heads of up to 128 dims take the AVX-512 path where the compiler targets it.
+template <typename T>
+void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+            const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+            int64_t block_size, int64_t max_blocks, float scale) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  switch ((D + 15) / 16) {
+#define THRIFTY_ATTEND_CASE(C)                                                                \
+  case C:                                                                                     \
+    return attend_simd<T, C>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, \
+                             max_blocks, scale);
+    THRIFTY_ATTEND_CASE(1) THRIFTY_ATTEND_CASE(2) THRIFTY_ATTEND_CASE(3) THRIFTY_ATTEND_CASE(4)
+    THRIFTY_ATTEND_CASE(5) THRIFTY_ATTEND_CASE(6) THRIFTY_ATTEND_CASE(7) THRIFTY_ATTEND_CASE(8)
+#undef THRIFTY_ATTEND_CASE
+    default:
+      break;
+  }
+#endif
+  attend_scalar(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, max_blocks, scale);
+}
+
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
@@ -146,10 +286,116 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// Write the new tokens' keys and values into their cache slots: k, v (N, Hkv, D) into the
+// caches viewed as (slots, Hkv, D), row n to slot slot_mapping[n].
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "new keys and values must match the cache dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "slot mapping must be int64");
+  k = k.contiguous();
+  v = v.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t n = slot_mapping.numel(), row = k.numel() / std::max<int64_t>(n, 1);
+  const int64_t slots = k_cache.numel() / std::max<int64_t>(row, 1);
+  TORCH_CHECK(k.numel() == n * row && v.numel() == n * row && v_cache.numel() == k_cache.numel(),
+              "keys, values and slots do not match");
+  const int64_t bytes = row * k.element_size();
+  const auto* slot = slot_mapping.data_ptr<int64_t>();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(0 <= slot[i] && slot[i] < slots, "cache slot out of range");
+    std::memcpy(kc + slot[i] * bytes, kp + i * bytes, bytes);
+    std::memcpy(vc + slot[i] * bytes, vp + i * bytes, bytes);
+  }
+}
+
+// silu(gate) * up for x = [gate | up] along the last dim, in float32, rounded once.
+template <typename T>
+void silu_mul_rows(const T* x, T* out, int64_t N, int64_t F) {
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* g = x + n * 2 * F;
+      const T* u = g + F;
+      T* o = out + n * F;
+      int64_t f = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      using R = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+      const auto* gr = reinterpret_cast<const R*>(g);
+      const auto* ur = reinterpret_cast<const R*>(u);
+      alignas(64) float tmp[16];
+      for (; f + 16 <= F; f += 16) {
+        const __m512 gv = thrifty_simd::load_f32(gr + f, 0xFFFF);
+        const __m512 uv = thrifty_simd::load_f32(ur + f, 0xFFFF);
+        const __m512 e = thrifty_simd::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 y = _mm512_div_ps(_mm512_mul_ps(gv, uv), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        if constexpr (std::is_same_v<T, float>) {
+          _mm512_storeu_ps(o + f, y);
+        } else {
+          _mm512_store_ps(tmp, y);
+          for (int i = 0; i < 16; ++i) o[f + i] = static_cast<T>(tmp[i]);
+        }
+      }
+#endif
+      for (; f < F; ++f) {
+        const float gv = to_float(g[f]);
+        o[f] = static_cast<T>(gv / (1.f + std::exp(-gv)) * to_float(u[f]));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  x = x.contiguous();
+  const int64_t F = x.size(-1) / 2, N = x.numel() / std::max<int64_t>(2 * F, 1);
+  TORCH_CHECK(x.size(-1) % 2 == 0, "the last dim must hold gate and up halves");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = F;
+  auto out = torch::empty(shape, x.options());
+  if (x.scalar_type() == torch::kBFloat16) {
+    silu_mul_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), N, F);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "only float32 and bfloat16 are supported");
+    silu_mul_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), N, F);
+  }
+  return out;
+}
+
+// Index of the largest value of each row of a float32 (B, V) matrix; the first one on ties,
+// as torch.argmax. NaN is not expected (logits).
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "argmax_rows: (B, V) float32");
+  x = x.contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0, "argmax_rows: empty rows");
+  auto out = torch::empty({B}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* r = xp + b * V;
+      // Find the maximum with vector-friendly code, then its first position.
+      float m = r[0];
+      for (int64_t i = 1; i < V; ++i) m = std::max(m, r[i]);
+      int64_t i = 0;
+      while (i < V - 1 && r[i] != m) ++i;
+      op[b] = i;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "attention of one query per sequence over the paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 inside");
+  m.def("store_kv", &store_kv, "write new keys and values into their paged cache slots");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up], float32 inside");
+  m.def("argmax_rows", &argmax_rows, "first index of each float32 row's maximum");
 }
