@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol models, the ASGI app, the engine loop, a chat page."""

@@ -1,0 +1,287 @@
+"""The ASGI app: routes, authentication, body limits, OpenAI-style errors, and `serve()`.
+
+Every error, whatever raised it (validation, a limit, an unknown route), is answered as
+`{"error": {"message", "type", "param", "code"}}`. Bodies are read by hand, under a size limit,
+so that bad bytes and bad JSON get their own clear 400s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import socket
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from thrifty.engine.llm_engine import LLMEngine
+from thrifty.errors import ThriftyError
+from thrifty.server.async_engine import AsyncEngine
+from thrifty.server.config import ServerConfig
+from thrifty.server.metrics import Metrics
+from thrifty.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
+from thrifty.server.responses import Responses
+from thrifty.server.serving import Serving
+
+STATIC = Path(__file__).parent / "static"
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+
+
+def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+    async_engine = AsyncEngine(engine)
+    metrics = Metrics(engine)
+    serving = Serving(async_engine, engine.tokenizer, engine.max_model_len, config, metrics)
+    responses = Responses(engine.tokenizer, config.model_name)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        async_engine.stop()
+
+    app = FastAPI(
+        title="thrifty", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.engine_loop = async_engine
+
+    def authenticate(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {config.api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")  # fmt: skip
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": config.model_name, "object": "model", "created": started,
+                "owned_by": "thrifty", "max_model_len": engine.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @v1.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = parse(ChatCompletionRequest, await read_body(request, config.max_body_bytes))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.test_time_scaling is not None:
+            run = serving.chat_scaling(req)
+            run.start()
+            if req.stream:
+                return EventStream(run.chat_stream(config.model_name, usage), run.abort)
+            try:
+                return await until_disconnect(request, run.chat_full(config.model_name))
+            finally:
+                run.abort()
+        gen, parsers = serving.chat(req)
+        gen.start(parsers)
+        if req.stream:
+            return EventStream(responses.chat_stream(gen, req.logprobs, usage), gen.abort)
+        try:
+            return await until_disconnect(request, responses.chat_full(gen, req.logprobs))
+        finally:
+            gen.abort()  # frees the blocks at once if the client left; else a no-op
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = parse(CompletionRequest, await read_body(request, config.max_body_bytes))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.test_time_scaling is not None:
+            run = serving.completion_scaling(req)
+            run.start()
+            if req.stream:
+                return EventStream(run.completion_stream(config.model_name, usage), run.abort)
+            try:
+                return await until_disconnect(request, run.completion_full(config.model_name))
+            finally:
+                run.abort()
+        gen = serving.completion(req)
+        gen.start()
+        want = req.logprobs is not None
+        if req.stream:
+            return EventStream(responses.completion_stream(gen, want, usage), gen.abort)
+        try:
+            return await until_disconnect(request, responses.completion_full(gen, want))
+        finally:
+            gen.abort()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.alive:
+            return error_response(ApiError(503, "the engine is not running"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index() -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError) -> Response:
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, e: HTTPException) -> Response:
+        return error_response(ApiError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception) -> Response:
+        traceback.print_exception(e)
+        return error_response(ApiError(500, "internal server error"))
+
+    app.add_middleware(CountRequests, metrics=metrics)
+    return app
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def read_body(request: Request, limit: int) -> str:
+    """The body as text: 413 past `limit` bytes, 400 if it is not UTF-8."""
+    too_big = ApiError(413, f"the request body is over {limit} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not valid UTF-8 (bad byte at offset {e.start})") from None
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
+    """Await a full (non-streamed) answer; give up on it if the client goes away meanwhile."""
+    result: dict[str, Any] | None = None
+    error: Exception | None = None
+
+    async def run() -> None:
+        nonlocal result, error
+        try:
+            result = await work
+        except Exception as e:  # re-raised below, outside the task group's exception group
+            error = e
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await _wait_disconnect(request.receive)
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if result is None:  # the client left; nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(result)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop, and close their generator, the moment the client leaves.
+
+    (Starlette alone notices a disconnect only at the next write, which may be far off while a
+    request waits in the queue.)
+    """
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.events, self.on_close = events, on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client left mid-write
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await _wait_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.events.aclose()  # type: ignore[attr-defined]
+            self.on_close()  # even if the stream never started
+
+
+class CountRequests:
+    """ASGI middleware: count responses by route and status (streams stay untouched)."""
+
+    def __init__(self, app: Callable, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before loading a model if the address cannot be served on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ThriftyError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(engine: LLMEngine, config: ServerConfig, host: str, port: int) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    # Touch every KV-cache page now: the prefix cache's LRU reuse walks the whole cache over
+    # time, so a long-running server would reach this footprint anyway; this way its memory is
+    # steady from the start and a short machine fails here, not under load.
+    engine.runner.kv_cache.zero_()
+    app = create_app(engine, config)
+    if config.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"thrifty: warning: {host} is reachable from other machines and no --api-key is"
+              " set: anyone who can reach it can use it", file=sys.stderr)  # fmt: skip
+    print(f"thrifty: serving {config.model_name} on http://{host}:{port}", flush=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    )
+    handle_exit = server.handle_exit
+
+    def on_signal(sig: int, frame: Any) -> None:  # Ctrl-C: end open streams, then stop
+        app.state.engine_loop.close()
+        handle_exit(sig, frame)
+
+    server.handle_exit = on_signal  # type: ignore[method-assign]
+    server.run()

@@ -1,0 +1,196 @@
+"""Engine output -> OpenAI JSON: full responses, server-sent event streams, logprobs.
+
+A stream ends with `data: [DONE]`; an error after the headers went out is sent as an event. However
+a stream ends (finished, failed, or closed early because the client left), its engine requests are
+aborted, which frees their sequences and KV blocks at once (a no-op for finished ones).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from thrifty.engine.sequence import TokenLogprob
+from thrifty.server.generation import Choice, Generation
+from thrifty.server.protocol import ApiError
+from thrifty.tokenizer import Tokenizer
+
+
+class Responses:
+    def __init__(self, tokenizer: Tokenizer, model_name: str):
+        self.tokenizer, self.model_name = tokenizer, model_name
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            s = self.token_str(token_id)
+            return {"token": s, "logprob": _finite(logprob), "bytes": list(s.encode())}
+
+        return {
+            "content": [
+                {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(*t) for t in lp.top]}
+                for lp in lps
+            ],
+            "refusal": None,
+        }
+
+    def completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens = [self.token_str(lp.token_id) for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(lp.logprob) for lp in lps],
+            "top_logprobs": [{self.token_str(t): _finite(v) for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    async def chat_full(self, gen: Generation, want_logprobs: bool) -> dict[str, Any]:
+        async for choice, out in gen.outputs():
+            _take_text(choice, out.delta_text)
+        for c in gen.choices:
+            _take_text(c, None)
+        choices = []
+        for c in gen.choices:
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
+            if c.parser is not None and c.parser.opened:
+                message["reasoning_content"] = "".join(c.reasoning)
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": self.chat_logprobs(c.logprobs) if want_logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return {
+            "id": gen.id,
+            "object": "chat.completion",
+            "created": gen.created,
+            "model": self.model_name,
+            "choices": choices,
+            "usage": gen.usage(),
+        }
+
+    async def completion_full(self, gen: Generation, want_logprobs: bool) -> dict[str, Any]:
+        async for choice, out in gen.outputs():
+            choice.text.append(out.delta_text)
+        return {
+            "id": gen.id,
+            "object": "text_completion",
+            "created": gen.created,
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": "".join(c.text),
+                    "logprobs": self.completion_logprobs(c.logprobs, 0) if want_logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in gen.choices
+            ],
+            "usage": gen.usage(),
+        }
+
+    async def chat_stream(
+        self, gen: Generation, want_logprobs: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {
+                "id": gen.id,
+                "object": "chat.completion.chunk",
+                "created": gen.created,
+                "model": self.model_name,
+                "choices": choices,
+                **({"usage": None} if include_usage else {}),
+                **extra,
+            }
+            return _event(body)
+
+        def delta(c: Choice, d: dict[str, Any], logprobs=None, finish=None) -> dict[str, Any]:
+            return {"index": c.index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+
+        try:
+            for c in gen.choices:
+                yield chunk([delta(c, {"role": "assistant", "content": ""})])
+            async for c, out in gen.outputs():
+                r, t = _take_text(c, out.delta_text)
+                if out.finish_reason is not None:
+                    r2, t2 = _take_text(c, None)
+                    r, t = r + r2, t + t2
+                d = {"reasoning_content": r} if r else {}
+                if t:
+                    d["content"] = t
+                lps = self.chat_logprobs(out.logprobs) if want_logprobs and out.logprobs else None
+                if d or lps or out.finish_reason:
+                    yield chunk([delta(c, d, lps, out.finish_reason)])
+            if include_usage:
+                yield chunk([], usage=gen.usage())
+        except ApiError as e:
+            yield _event(e.body())
+        finally:
+            gen.abort()
+        yield "data: [DONE]\n\n"
+
+    async def completion_stream(
+        self, gen: Generation, want_logprobs: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {
+                "id": gen.id,
+                "object": "text_completion",
+                "created": gen.created,
+                "model": self.model_name,
+                "choices": choices,
+                **({"usage": None} if include_usage else {}),
+                **extra,
+            }
+            return _event(body)
+
+        offsets = [0] * len(gen.choices)
+        try:
+            async for c, out in gen.outputs():
+                lps = None
+                if want_logprobs and out.logprobs:
+                    lps = self.completion_logprobs(out.logprobs, offsets[c.index])
+                offsets[c.index] += len(out.delta_text)
+                if out.delta_text or lps or out.finish_reason:
+                    choice = {
+                        "index": c.index,
+                        "text": out.delta_text,
+                        "logprobs": lps,
+                        "finish_reason": out.finish_reason,
+                    }
+                    yield chunk([choice])
+            if include_usage:
+                yield chunk([], usage=gen.usage())
+        except ApiError as e:
+            yield _event(e.body())
+        finally:
+            gen.abort()
+        yield "data: [DONE]\n\n"
+
+
+def _take_text(choice: Choice, delta: str | None) -> tuple[str, str]:
+    """Route a delta (None: the end) through the choice's reasoning parser; record both parts."""
+    if choice.parser is None:
+        text = delta or ""
+        choice.text.append(text)
+        return "", text
+    r, t = choice.parser.finish() if delta is None else choice.parser.feed(delta)
+    choice.reasoning.append(r)
+    choice.text.append(t)
+    return r, t
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
