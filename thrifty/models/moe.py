@@ -1,0 +1,123 @@
+"""DeepSeek mixture of experts: a router picks k experts per token, shared experts see every token.
+
+Routing (`route`) follows DeepSeek-V2 (softmax scores, optionally limited to the best `topk_group`
+of `n_group` expert groups by their best score) and DeepSeek-V3 (sigmoid scores; a per-expert
+`e_score_correction_bias` steers the choice but not the weights; groups ranked by the sum of their
+two best scores). The experts run grouped (`grouped_experts`): the (token, expert) pairs are
+sorted by expert, so each chosen expert runs once per step on all of its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thrifty.config import MoEConfig
+from thrifty.models.layers import Linear
+
+
+class Expert(nn.Module):
+    """A SwiGLU MLP; gate and up are stored merged (the loader's `packed_modules`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size), requires_grad=False)
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(
+                torch.empty(cfg.num_experts), requires_grad=False
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids), each (N, k): weights in float32."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        bias = getattr(self, "e_score_correction_bias", None)
+        return route(logits, self.cfg, None if bias is None else bias.float())
+
+
+def route(
+    logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose cfg.num_experts_per_tok experts per row of router logits (N, E)."""
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias
+    if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.n_group > 1:
+        n, e = choice.shape
+        grouped = choice.view(n, cfg.n_group, e // cfg.n_group)
+        if cfg.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        # V3 drops the other groups to -inf, V2 to 0: the same choice among non-negative scores.
+        choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, e)
+    ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (N, k)
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def grouped_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList
+) -> torch.Tensor:
+    """sum_j weights[:, j] * experts[ids[:, j]](x), each chosen expert run once on its tokens.
+
+    x: (N, D); weights, ids: (N, k).
+    """
+    k = ids.shape[1]
+    flat = ids.flatten()  # (N * k,) pair p is token p // k
+    order = flat.argsort(stable=True)
+    hit, counts = flat[order].unique_consecutive(return_counts=True)
+    token = order // k
+    xs = x[token]  # (N * k, D) grouped by expert
+    out = torch.empty_like(xs)
+    start = 0
+    for e, c in zip(hit.tolist(), counts.tolist(), strict=True):  # each chosen expert once
+        out[start : start + c] = experts[e](xs[start : start + c])
+        start += c
+    out = out * weights.flatten()[order, None].to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out)
+
+
+def naive_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList
+) -> torch.Tensor:
+    """The per-token loop that grouping replaces: the benchmark's baseline and the tests' oracle."""
+    out = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            out[i] += weights[i, j].to(x.dtype) * experts[int(ids[i, j])](x[i : i + 1])[0]
+    return out
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.gate = Router(hidden_size, cfg)
+        self.experts = nn.ModuleList(
+            Expert(hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+        )
+        if cfg.num_shared_experts:
+            self.shared_experts = Expert(
+                hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts
+            )
+        self.has_shared = bool(cfg.num_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = grouped_experts(x, weights, ids, self.experts)
+        return out + self.shared_experts(x) if self.has_shared else out
