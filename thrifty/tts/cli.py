@@ -1,0 +1,173 @@
+"""The command-line side of test-time scaling: `thrifty run --strategy ...` and `thrifty eval`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from thrifty.errors import ThriftyError
+from thrifty.tts.config import STRATEGIES, TTSConfig
+from thrifty.tts.tasks import TASKS
+
+SAMPLING_TEMPERATURE = TTSConfig.temperature  # what --temperature 0 means for sampling strategies
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="test-time scaling: sample several answers and pick one (sampling strategies use "
+        f"--temperature, or {SAMPLING_TEMPERATURE} when it is 0)",
+    )
+    p.add_argument("--n", type=int, default=8, help="samples for --strategy (default 8)")
+    p.add_argument(
+        "--max-thinking-tokens",
+        type=int,
+        help="for <think> models: close the reasoning after this many tokens and force an answer",
+    )
+
+
+def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("eval", help="accuracy against compute for test-time scaling strategies")
+    p.add_argument("model", nargs="?", help="registry name, local path or hub id")
+    p.add_argument("--task", choices=TASKS, default="basic_arithmetic")
+    p.add_argument("--data", help="a JSONL file of {question, answer} instead of a task")
+    p.add_argument("--size", type=int, default=50, help="problems (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="task and sampling seed (default 0)")
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reasoning-gym option, e.g. max_terms=4 (basic_arithmetic defaults: 3-4 terms of "
+        "1-2 digits)",
+    )
+    p.add_argument(
+        "--strategies",
+        default="greedy,self-consistency,adaptive,deepconf",
+        help=f"comma-separated, from {', '.join(STRATEGIES)}",
+    )
+    p.add_argument("--ns", default="1,2,4,8", help="sample counts to sweep (default 1,2,4,8)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=SAMPLING_TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=TTSConfig.top_p)
+    p.add_argument(
+        "--nested",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read self-consistency@k off the first k samples of the largest run (default)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--out", default="tts_eval", help="output path prefix: PREFIX.json and PREFIX_*.png"
+    )
+    add_model_flags(p)
+
+
+def run(args: argparse.Namespace, llm: Any, prompt: str | list[dict[str, str]]) -> None:
+    """`thrifty run --strategy ...`: print the chosen answer, then the votes and the cost."""
+    from thrifty.tts.runner import run_strategy
+
+    strategy = args.strategy or "greedy"
+    temperature = args.temperature or SAMPLING_TEMPERATURE
+    config = TTSConfig(
+        strategy=strategy,
+        n=args.n,
+        temperature=temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        warmup=min(TTSConfig.warmup, max(args.n - 1, 1)),
+        max_thinking_tokens=args.max_thinking_tokens,
+    )
+    ids = llm._chat_ids(prompt) if isinstance(prompt, list) else prompt
+    result = run_strategy(llm.engine, ids, config)
+    print(result["text"].strip())
+    votes = ", ".join(f"{a}: {w:g}" for a, w in result["votes"].items()) or "none"
+    print(
+        f"\n[{strategy}] answer: {result['answer']}  votes: {votes}  samples: "
+        f"{result['num_samples']} (stopped early: {result['num_stopped_early']})  tokens: "
+        f"{result['tokens']}  {result['wall_s']:.1f} s",
+        file=sys.stderr,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from thrifty.llm import LLM
+    from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
+    from thrifty.tts.tasks import load_problems, parse_options
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad or not strategies:
+        raise ThriftyError(f"unknown strategy {bad}; choose from {', '.join(STRATEGIES)}")
+    try:
+        ns = sorted({int(n) for n in args.ns.split(",")})
+    except ValueError:
+        raise ThriftyError(f"--ns must be comma-separated integers, not {args.ns!r}") from None
+    base = TTSConfig(
+        n=max(ns),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    configs = sweep_configs(strategies, ns, base)  # validates every config before loading
+    options = parse_options(args.task_option)
+    problems = load_problems(args.task, args.size, args.seed, options, args.data)
+    engine_kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
+    if args.num_threads:
+        engine_kwargs["num_threads"] = args.num_threads
+    if args.max_model_len:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    if getattr(args, "quantization", None):
+        engine_kwargs["quantization"] = args.quantization
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        **engine_kwargs,
+    )
+    name = Path(args.data).name if args.data else args.task
+    meta = {
+        "model": args.model or "default",
+        "task": name,
+        "task_options": options,
+        "problems": len(problems),
+        "seed": args.seed,
+        "config": {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_tokens": args.max_tokens,
+            "ns": ns,
+            "nested": args.nested,
+        },
+        "command": "thrifty " + " ".join(sys.argv[1:]),
+        "title": f"{args.model or 'default'} on {len(problems)} {name} problems",
+    }
+    start = time.perf_counter()
+
+    def save(rows: list[dict]) -> list[Path]:
+        meta["total_wall_s"] = time.perf_counter() - start
+        meta["load_average"] = os.getloadavg()  # timings on a busy machine are noisy
+        return write_results(rows, meta, Path(args.out))
+
+    rows = evaluate(
+        llm.engine,
+        problems,
+        configs,
+        max_num_seqs=args.max_num_seqs,
+        nested=args.nested,
+        on_rows=save,  # partial results survive an interrupted sweep
+    )
+    paths = save(rows)
+    print(format_table(rows))
+    print("\n".join(str(p) for p in paths), file=sys.stderr)

@@ -1,0 +1,75 @@
+"""Votes over extracted answers, and the adaptive-consistency stopping rule.
+
+Answers are grouped by `canonical` form (so "1,000" and "1000.0" are one vote) and, optionally,
+by symbolic equivalence. Ties go to the answer that appeared first, so the result never depends
+on dict order or on a random draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+
+import numpy as np
+
+from thrifty.errors import ThriftyError
+from thrifty.tts.equivalence import equivalent
+from thrifty.tts.extract import canonical, to_number
+
+
+@dataclass
+class Vote:
+    answer: str  # the first raw answer seen for this group
+    count: int
+    weight: float
+    first: int  # index of the sample that first gave it
+
+
+def tally(
+    answers: list[str | None], weights: list[float] | None = None, *, symbolic: bool = False
+) -> list[Vote]:
+    """Votes per distinct answer, best first (weight, then earliest); None answers abstain."""
+    weights = weights if weights is not None else [1.0] * len(answers)
+    if len(weights) != len(answers):
+        raise ThriftyError("one weight per answer")
+    groups: dict[str, Vote] = {}
+    for i, (answer, w) in enumerate(zip(answers, weights, strict=True)):
+        key = canonical(answer)
+        if key is None or answer is None:
+            continue
+        if key not in groups and symbolic and to_number(answer) is None:
+            # Only non-numeric answers need sympy: numbers already share a canonical key.
+            key = next((k for k, v in groups.items() if equivalent(v.answer, answer)), key)
+        vote = groups.setdefault(key, Vote(answer, 0, 0.0, i))
+        vote.count += 1
+        vote.weight += w
+    return sorted(groups.values(), key=lambda v: (-v.weight, v.first))
+
+
+def beta_confidence(top: int, second: int) -> float:
+    """P(p_top > p_second) for p ~ Beta(top + 1, second + 1) (Aggarwal et al. 2023).
+
+    For integer parameters, P(X > 1/2) for X ~ Beta(a, b) is P(Binomial(a + b - 1, 1/2) < a).
+    """
+    n = top + second + 1
+    return sum(comb(n, k) for k in range(top + 1)) / 2**n
+
+
+def dirichlet_confidence(counts: list[int], samples: int = 4000, seed: int = 0) -> float:
+    """P(the leading answer's share is the largest) under Dirichlet(counts + 1), Monte Carlo
+    with a fixed seed so that the same counts always give the same decision."""
+    if len(counts) < 2:
+        counts = [*counts, 0][:2] if counts else [0, 0]
+    alpha = np.asarray(counts, dtype=np.float64) + 1
+    draws = np.random.default_rng(seed).dirichlet(alpha, size=samples)
+    return float((draws.argmax(axis=1) == int(np.argmax(alpha))).mean())
+
+
+def vote_confidence(votes: list[Vote], rule: str = "beta") -> float:
+    """How sure the current vote is that its leader would stay the leader with more samples."""
+    counts = [v.count for v in sorted(votes, key=lambda v: -v.count)]
+    if rule == "beta":
+        return beta_confidence(counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
+    if rule == "dirichlet":
+        return dirichlet_confidence(counts)
+    raise ThriftyError(f"unknown stopping rule {rule!r}; use 'beta' or 'dirichlet'")
