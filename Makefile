@@ -21,6 +21,10 @@ chat: $(STAMP)
 	$(BIN)/thrifty pull
 	$(BIN)/thrifty chat
 
+serve: $(STAMP)
+	$(BIN)/thrifty pull
+	$(BIN)/thrifty serve
+
 test: $(STAMP)
 	$(BIN)/ruff check thrifty tests benchmarks
 	$(BIN)/pytest -q

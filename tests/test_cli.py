@@ -114,6 +114,7 @@ def bad_inputs(tmp_path_factory, converted) -> dict[str, tuple[list[str], dict, 
         ),
         "negative temperature": (["run", "hi", "--temperature", "-1"], {}, "temperature"),
         "unknown device": (["run", "hi", "--device", "nosuchdevice"], {}, "nosuchdevice"),
+        "zero context length": (["run", "hi", "--max-model-len", "0"], {}, "--max-model-len"),
     }
 
 
@@ -128,6 +129,7 @@ CASES = [
     "prompt longer than the context",
     "negative temperature",
     "unknown device",
+    "zero context length",
 ]
 CHAT_INPUT = "hello\n/reset\nWhat is 2+2?\n/exit\n"
 

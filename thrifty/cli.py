@@ -1,12 +1,17 @@
-"""Command line: `thrifty pull | run | chat | models`. Flags map one to one onto config fields."""
+"""Command line: `thrifty pull | run | chat | models | serve | quantize | eval`.
+
+Flags map one to one onto config fields.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from thrifty.errors import ThriftyError
+from thrifty.tts import cli as tts_cli
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -17,6 +22,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--allow-pickle",
         action="store_true",
         help="allow loading pickled .bin/.pt weights (unpickling can run code)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=["fp8", "fp8-all"],
+        help="fp8: quantize linear weights on load to FP8 with 128x128 UE8M0 block scales "
+        "(embeddings, norms and lm_head stay in high precision, as in DeepSeek's checkpoints); "
+        "fp8-all: an untied lm_head too",
     )
 
 
@@ -45,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
     _add_model_flags(p)
     _add_sampling_flags(p)
+    tts_cli.add_run_flags(p)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
@@ -52,6 +65,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
 
     sub.add_parser("models", help="list the models in the cache")
+
+    tts_cli.add_eval_parser(sub, _add_model_flags)
+
+    p = sub.add_parser("quantize", help="write an FP8 (E4M3, 128x128 block scales) checkpoint")
+    p.add_argument("src", help="registry name, local path or hub id")
+    p.add_argument("dst", help="output directory (created; must be empty)")
+    p.add_argument(
+        "--scale-fmt",
+        choices=["ue8m0", "float"],
+        default="ue8m0",
+        help="ue8m0 (default): power-of-two scales, as DeepSeek-V3.1; float: amax / 448",
+    )
+
+    # Unset engine and server flags keep EngineConfig's and ServerConfig's defaults.
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    p.add_argument("model", nargs="?", help="registry name, local path or hub id")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("THRIFTY_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $THRIFTY_API_KEY)",
+    )
+    _add_model_flags(p)
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together (default 64)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens per forward pass; long prompts are prefilled in chunks of it (default 2048)",
+    )
+    p.add_argument("--kv-cache-memory-bytes", type=int, help="KV cache size (default 1 GiB)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV blocks (default: from the memory size)")
+    p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help="tokens drafted per step by the model's MTP layers (DeepSeek-V3; default 0: off)",
+    )
+    p.add_argument("--max-n", type=int, help="samples per request (default 16)")
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="requests waiting for a first token before new ones get a 429 (default 256)",
+    )
+    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 4 MiB)")
     return parser
 
 
@@ -59,8 +119,10 @@ def _llm(args: argparse.Namespace, model: str | None):
     from thrifty.llm import LLM
 
     kwargs: dict[str, Any] = {}
-    if args.max_model_len:
+    if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
     return LLM(
         model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, **kwargs
     )
@@ -111,6 +173,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     if not args.raw:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = [*messages, {"role": "user", "content": prompt}]
+    if args.strategy or args.max_thinking_tokens is not None:
+        tts_cli.run(args, llm, prompt)  # several samples, or a thinking budget
+        return
     _stream(llm, prompt, params)
 
 
@@ -164,7 +229,62 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{r.name:<{width}}  {r.kind:<9}  {r.size_bytes / 2**20:9.1f} MiB  {r.path}")
 
 
-COMMANDS = {"pull": cmd_pull, "run": cmd_run, "chat": cmd_chat, "models": cmd_models}
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from thrifty import hub
+    from thrifty.config import EngineConfig, parse_dtype
+    from thrifty.engine.llm_engine import LLMEngine
+    from thrifty.server.app import check_address, serve
+    from thrifty.server.config import ServerConfig
+
+    check_address(args.host, args.port)  # before spending seconds on the model
+
+    def given(*names: str) -> dict[str, Any]:
+        return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+    config = EngineConfig(
+        dtype=parse_dtype(args.dtype),
+        device=args.device,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        quantization=args.quantization,
+        **given(
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "kv_cache_memory_bytes",
+            "num_kv_blocks",
+            "block_size",
+            "num_threads",
+            "num_speculative_tokens",
+        ),
+    )
+    name = args.model or hub.DEFAULT_MODEL
+    served = ServerConfig(
+        model_name=Path(name).name if Path(name).exists() else name,
+        api_key=args.api_key or None,
+        **given("max_n", "max_queued_requests", "max_body_bytes"),
+    )
+    engine = LLMEngine(hub.resolve(args.model), config, allow_pickle=args.allow_pickle)
+    serve(engine, served, args.host, args.port)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from thrifty import hub
+    from thrifty.quant.checkpoint import quantize_checkpoint
+
+    print(quantize_checkpoint(hub.resolve(args.src), args.dst, args.scale_fmt))
+
+
+COMMANDS = {
+    "pull": cmd_pull,
+    "run": cmd_run,
+    "chat": cmd_chat,
+    "models": cmd_models,
+    "eval": tts_cli.cmd_eval,
+    "serve": cmd_serve,
+    "quantize": cmd_quantize,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,16 @@ from typing import Any
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.quant.fp8 import Fp8Config
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+)
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -78,6 +86,43 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek multi-head latent attention: low-rank q and kv, decoupled rope dims."""
+
+    kv_lora_rank: int  # the latent each token caches, shared by all heads
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # the rotary part of q and k; k's is shared by all heads and cached
+    v_head_dim: int
+    q_lora_rank: int | None = None  # None: q comes from one full-rank projection
+    rope_interleave: bool = True  # rotary dims in (x0, x1), (x2, x3) pairs
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek mixture of experts: routed experts chosen per token, plus shared experts."""
+
+    num_experts: int  # routed experts
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    num_shared_experts: int = 0
+    scoring_func: str = "softmax"  # V2: softmax; V3: sigmoid
+    topk_method: str = "greedy"  # greedy | group_limited_greedy (V2) | noaux_tc (V3, biased)
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0  # the first k layers keep a dense MLP
+    moe_layer_freq: int = 1  # after those, every moe_layer_freq-th layer is MoE
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -98,6 +143,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32  # the checkpoint's own dtype
+    mla: MLAConfig | None = None  # DeepSeek: latent attention instead of GQA
+    moe: MoEConfig | None = None  # DeepSeek: mixture-of-experts MLPs
+    num_mtp_layers: int = 0  # DeepSeek-V3: multi-token prediction layers after the last layer
+    quantization: Fp8Config | None = None  # the checkpoint's FP8 block quantization, if any
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> ModelConfig:
@@ -134,6 +183,8 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 dtype=_parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+                quantization=_quantization_from_hf(cfg.get("quantization_config")),
+                **(_deepseek_from_hf(arch, cfg) if arch in DEEPSEEK_ARCHITECTURES else {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ThriftyError(f"malformed model config: {type(e).__name__}: {e}") from None
@@ -148,6 +199,52 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ThriftyError(f"{config_path} is not valid JSON: {e}") from None
         return ModelConfig.from_hf(cfg)
+
+
+def _quantization_from_hf(q: dict[str, Any] | None) -> Fp8Config | None:
+    return Fp8Config.from_hf(q) if q else None
+
+
+def _deepseek_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2/V3 fields. V3 defaults to sigmoid scores with a bias-corrected grouped top-k;
+    V2 to softmax. V2 either renormalises the top-k weights or scales them, never both."""
+    v3 = arch == "DeepseekV3ForCausalLM"
+    q_lora = cfg.get("q_lora_rank")
+    mla = MLAConfig(
+        kv_lora_rank=int(cfg["kv_lora_rank"]),
+        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+        v_head_dim=int(cfg["v_head_dim"]),
+        q_lora_rank=int(q_lora) if q_lora else None,
+        rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
+    )
+    moe = None
+    if cfg.get("n_routed_experts"):
+        norm = bool(cfg.get("norm_topk_prob", v3))
+        scaling = float(cfg.get("routed_scaling_factor") or 1.0)
+        topk_method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+        moe = MoEConfig(
+            num_experts=int(cfg["n_routed_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+            num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            scoring_func=cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
+            topk_method=topk_method,
+            n_group=int(cfg.get("n_group") or 1),
+            topk_group=int(cfg.get("topk_group") or 1),
+            norm_topk_prob=norm,
+            routed_scaling_factor=1.0 if norm and not v3 else scaling,
+            first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
+            moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
+        )
+        if moe.scoring_func not in ("softmax", "sigmoid"):
+            raise ThriftyError(f"unsupported MoE scoring_func {moe.scoring_func!r}")
+        if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ThriftyError(f"unsupported MoE topk_method {topk_method!r}")
+        if moe.num_experts % moe.n_group:
+            raise ThriftyError(f"n_routed_experts {moe.num_experts} is not a multiple of n_group")
+    mtp = int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0)
+    return {"mla": mla, "moe": moe, "num_mtp_layers": mtp if v3 else 0}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,3 +281,20 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    # Self-speculative decoding: tokens drafted per step by the model's MTP layers (DeepSeek-V3);
+    # 0: off.
+    num_speculative_tokens: int = 0
+    # "fp8" / "fp8-all": quantize linear weights on load (UE8M0 scales); -all: the head too
+    quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens")
+        optional = ("num_kv_blocks", "max_model_len", "num_threads")
+        for name in positive + optional:
+            value = getattr(self, name)
+            if name in optional and value is None:
+                continue
+            if value < 1:  # flags map 1:1 to fields: name the flag
+                raise ThriftyError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.num_speculative_tokens < 0:
+            raise ThriftyError("num-speculative-tokens must be 0 or more")

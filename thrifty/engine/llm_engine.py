@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from thrifty.engine.model_runner import ModelRunner
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.scheduler import Scheduler
 from thrifty.engine.sequence import Sequence, TokenLogprob
+from thrifty.engine.spec_decode import SpecDecoder
 from thrifty.errors import ThriftyError
 from thrifty.loader.weights import load_model
 from thrifty.tokenizer import Tokenizer
@@ -68,7 +70,10 @@ class LLMEngine:
             dtype=config.dtype,
             device=config.device,
             allow_pickle=allow_pickle,
+            quantization=config.quantization,
         )
+        if not config.num_speculative_tokens and getattr(model, "num_mtp_layers", 0):
+            model.drop_mtp()  # only a draft: without speculation, no weights and no cache layer
         self.runner = ModelRunner(model, self.model_config, config)
         capacity = self.runner.num_blocks * config.block_size
         # A sequence must always fit in the cache alone, or preemption could never make room.
@@ -80,6 +85,14 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.blocks)
+        self.spec: SpecDecoder | None = None
+        if config.num_speculative_tokens > 0:
+            if not getattr(model, "num_mtp_layers", 0):
+                raise ThriftyError(
+                    "speculative decoding needs a checkpoint with MTP layers "
+                    "(DeepSeek-V3's num_nextn_predict_layers); this one has none"
+                )
+            self.spec = SpecDecoder(self.runner, self.blocks, config.num_speculative_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -88,8 +101,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str | None = None,
+        *,
+        token_hook: Callable[[Sequence, int], list[int]] | None = None,
     ) -> str:
-        """Queue a prompt (text, or token ids) for generation; returns its request id."""
+        """Queue a prompt (text, or token ids) for generation; returns its request id.
+
+        `token_hook` (see Sequence.token_hook) may replace or extend each sampled token.
+        """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ThriftyError(f"duplicate request id {request_id!r}")
@@ -113,6 +131,7 @@ class LLMEngine:
                 )
             )
         for seq in seqs:
+            seq.token_hook = token_hook
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, ids, params, seqs)
         return request_id
@@ -126,6 +145,15 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
 
+    def abort_sample(self, request_id: str, index: int) -> None:
+        """Stop one sample of a request now and free its KV blocks; its siblings go on."""
+        request = self.requests.get(request_id)
+        if request is None or not 0 <= index < len(request.seqs):
+            raise ThriftyError(f"no sample {index} in request {request_id!r}")
+        seq = request.seqs[index]
+        if not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -134,14 +162,25 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        seqs, tokens, logprobs = self.runner.step(batch)
+        if self.spec is not None:  # several tokens per sequence where drafts are accepted
+            seqs, token_lists, logprobs = self.spec.step(batch)
+        else:
+            seqs, tokens, logprobs = self.runner.step(batch)
+            token_lists = [[t] for t in tokens]
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.blocks.commit(seq)
         outputs = []
         now = time.perf_counter()
-        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            seq.append(token, self.tokenizer.eos_token_ids)
+        for seq, toks, lp in zip(seqs, token_lists, logprobs, strict=True):
+            token = toks[0]
+            appended = seq.append(token, self.tokenizer.eos_token_ids)
+            if appended[:1] != [token]:  # the token hook replaced the sampled token
+                lp = None
+            for t in toks[1:]:  # accepted speculative tokens
+                if seq.finish_reason is not None:
+                    break
+                appended += seq.append(t, self.tokenizer.eos_token_ids)
             if lp is not None:
                 seq.logprobs.append(lp)
             request = self.requests[seq.request_id]
@@ -153,11 +192,13 @@ class LLMEngine:
                     seq.request_id,
                     seq.index,
                     seq.take_delta(),
-                    [token],
+                    appended,
                     [lp] if lp is not None else [],
                     seq.finish_reason,
                 )
             )
+        if self.spec is not None:
+            self.spec.propose()  # the MTP layer catches up and drafts for the next step
         return outputs
 
     def pop_finished(self, request_id: str) -> Request | None:
