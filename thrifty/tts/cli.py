@@ -53,6 +53,14 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
         help=f"comma-separated, from {', '.join(STRATEGIES)}",
     )
     p.add_argument("--ns", default="1,2,4,8", help="sample counts to sweep (default 1,2,4,8)")
+    p.add_argument(
+        "--confidences",
+        default=str(TTSConfig.confidence),
+        help="adaptive consistency's stopping confidences to sweep (default 0.95)",
+    )
+    p.add_argument(
+        "--keeps", default=str(TTSConfig.keep), help="DeepConf keep shares to sweep (default 0.9)"
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=SAMPLING_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=TTSConfig.top_p)
@@ -60,7 +68,8 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
         "--nested",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="read self-consistency@k off the first k samples of the largest run (default)",
+        help="run self-consistency once at the largest N and replay self-consistency@k, adaptive"
+        " and deepconf on its samples (default); --no-nested runs each online",
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -99,6 +108,14 @@ def run(args: argparse.Namespace, llm: Any, prompt: str | list[dict[str, str]]) 
     )
 
 
+def _numbers(flag: str, text: str, kind: type) -> list:
+    """Parse "1,2,4" into [1, 2, 4], sorted and without repeats; a clear error otherwise."""
+    try:
+        return sorted({kind(x) for x in text.split(",")})
+    except ValueError:
+        raise ThriftyError(f"{flag} must be comma-separated numbers, not {text!r}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from thrifty.llm import LLM
     from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
@@ -108,10 +125,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad or not strategies:
         raise ThriftyError(f"unknown strategy {bad}; choose from {', '.join(STRATEGIES)}")
-    try:
-        ns = sorted({int(n) for n in args.ns.split(",")})
-    except ValueError:
-        raise ThriftyError(f"--ns must be comma-separated integers, not {args.ns!r}") from None
+    ns = _numbers("--ns", args.ns, int)
+    confidences = _numbers("--confidences", args.confidences, float)
+    keeps = _numbers("--keeps", args.keeps, float)
     base = TTSConfig(
         n=max(ns),
         temperature=args.temperature,
@@ -119,7 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
-    configs = sweep_configs(strategies, ns, base)  # validates every config before loading
+    # validates every config before loading
+    configs = sweep_configs(strategies, ns, base, confidences, keeps)
     options = parse_options(args.task_option)
     problems = load_problems(args.task, args.size, args.seed, options, args.data)
     engine_kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
@@ -148,6 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "top_p": args.top_p,
             "max_tokens": args.max_tokens,
             "ns": ns,
+            "confidences": confidences,
+            "keeps": keeps,
             "nested": args.nested,
         },
         "command": "thrifty " + " ".join(sys.argv[1:]),

@@ -1,8 +1,10 @@
 """`thrifty eval`: a sweep of strategies over a task, accuracy against compute, JSON and plots.
 
-Self-consistency at several N is "nested" by default: one run at the largest N, and SC@k read
-off the first k samples of each problem (the samples are independent, so the first k are a
-valid draw of k). Those rows have tokens but no wall time of their own (`wall_s` is None).
+The sweep is "nested" by default: self-consistency runs once, at the largest N, recording each
+token's confidence, and self-consistency@k, adaptive consistency and DeepConf (up to that N) are
+replayed on its samples (thrifty.tts.replay: the samples are independent, so the first k are a
+valid draw of k, taken in the order the strategy would ask for them). Derived rows have tokens
+but no wall time of their own (`wall_s` is None). `nested=False` runs every strategy online.
 """
 
 from __future__ import annotations
@@ -17,28 +19,52 @@ from typing import Any
 
 from tqdm import tqdm
 
+from thrifty.tts import replay
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.equivalence import equivalent
 from thrifty.tts.runner import run_jobs
 from thrifty.tts.strategies import Job
 from thrifty.tts.tasks import INSTRUCTION, Problem
-from thrifty.tts.voting import tally
 
 
 def label(cfg: TTSConfig) -> str:
-    return "greedy" if cfg.strategy == "greedy" else f"{cfg.strategy}@{cfg.n}"
+    """greedy, self-consistency@8, adaptive@16, adaptive@16 c=0.9, deepconf@16 keep=0.5: the
+    confidence and keep appear where they differ from the defaults."""
+    if cfg.strategy == "greedy":
+        return "greedy"
+    name = f"{cfg.strategy}@{cfg.n}"
+    if cfg.strategy == "adaptive" and cfg.confidence != TTSConfig.confidence:
+        name += f" c={cfg.confidence:g}"
+    if cfg.strategy == "deepconf" and cfg.keep != TTSConfig.keep:
+        name += f" keep={cfg.keep:g}"
+    return name
 
 
-def sweep_configs(strategies: list[str], ns: list[int], base: TTSConfig) -> list[TTSConfig]:
-    """One config per (strategy, N); adaptive and deepconf get the largest N as their cap."""
+def sweep_configs(
+    strategies: list[str],
+    ns: list[int],
+    base: TTSConfig,
+    confidences: list[float] | None = None,
+    keeps: list[float] | None = None,
+) -> list[TTSConfig]:
+    """One config per (strategy, N); adaptive and deepconf get the largest N as their cap, and
+    one config per adaptive `confidences` and DeepConf `keeps` (default: base's)."""
     top = max(ns)
     configs = []
     for s in strategies:
         if s == "greedy":
             configs.append(dataclasses.replace(base, strategy=s, n=1))
-        elif s in ("adaptive", "deepconf"):
+        elif s == "adaptive":
+            configs.extend(
+                dataclasses.replace(base, strategy=s, n=top, confidence=c)
+                for c in confidences or [base.confidence]
+            )
+        elif s == "deepconf":
             warmup = min(base.warmup, top - 1) if top > 1 else 1
-            configs.append(dataclasses.replace(base, strategy=s, n=top, warmup=warmup))
+            configs.extend(
+                dataclasses.replace(base, strategy=s, n=top, warmup=warmup, keep=k)
+                for k in keeps or [base.keep]
+            )
         else:
             configs.extend(dataclasses.replace(base, strategy=s, n=k) for k in sorted(set(ns)))
     return configs
@@ -72,16 +98,21 @@ def _row(cfg: TTSConfig, problems: list[Problem], results: list[dict], wall_s: f
     }
 
 
-def _prefix_result(result: dict, k: int, symbolic: bool) -> dict:
-    """Self-consistency over the first k samples of a larger run."""
-    samples = result["samples"][:k]
-    votes = tally([s["answer"] for s in samples], symbolic=symbolic)
-    return {
-        "answer": votes[0].answer if votes else None,
-        "tokens": sum(s["tokens"] for s in samples),
-        "num_samples": k,
-        "num_stopped_early": 0,
-    }
+def _samples(job: Job) -> list[replay.Sample]:
+    """A finished self-consistency job's samples, in the order they were drawn."""
+    return [
+        replay.Sample(t.answer, len(t.token_ids), tuple(t.token_confidences or ()))
+        for t in job.traces + job.stopped
+    ]
+
+
+def _derivable(cfg: TTSConfig, largest: TTSConfig) -> bool:
+    """Whether `cfg` can be replayed on the samples of the `largest` self-consistency run."""
+    if cfg is largest or cfg.n > largest.n or cfg.strategy == "greedy":
+        return False
+    if cfg.strategy == "deepconf":
+        return cfg.top_logprobs == largest.top_logprobs
+    return cfg.strategy in ("self-consistency", *replay.REPLAYABLE)
 
 
 def evaluate(
@@ -103,33 +134,41 @@ def evaluate(
         for p in problems
     ]
     sc = [c for c in configs if c.strategy == "self-consistency"]
-    runs = list(configs)
-    if nested and sc:  # the largest self-consistency run stands in for all of them
-        largest = max(sc, key=lambda c: c.n)
-        runs = [
-            largest if c is sc[0] else c
-            for c in configs
-            if c.strategy != "self-consistency" or c is sc[0]
-        ]
+    largest = max(sc, key=lambda c: c.n) if nested and sc else None
+    derived = [c for c in configs if largest is not None and _derivable(c, largest)]
+    # The online runs: the largest self-consistency first (the others are read off it).
+    runs = [c for c in configs if c not in derived]
+    if largest is not None:
+        runs.remove(largest)
+        runs.insert(0, largest)
+    record = next((c.top_logprobs for c in derived if c.strategy == "deepconf"), None)
     rows: dict[str, dict] = {}
+
+    def report() -> None:
+        if on_rows is not None:
+            on_rows([rows[label(c)] for c in configs if label(c) in rows])
+
     for cfg in runs:
         jobs = [Job(engine, ids, cfg) for ids in prompts]
+        if cfg is largest:
+            for job in jobs:
+                job.record_logprobs = record
         with tqdm(total=len(jobs), desc=f"{label(cfg):>22}", disable=not progress) as bar:
             start = time.perf_counter()
             # samples in flight per job: a wave for adaptive, all n for the others
             width = cfg.wave if cfg.strategy == "adaptive" else cfg.n
             run_jobs(engine, jobs, max(1, max_num_seqs // width), lambda _: bar.update())
             wall = time.perf_counter() - start
-        results = [j.result() for j in jobs]
-        rows[label(cfg)] = _row(cfg, problems, results, wall)
-        if nested and cfg.strategy == "self-consistency":
-            for small in sc:
-                if small.n < cfg.n:
-                    derived = [_prefix_result(r, small.n, cfg.symbolic) for r in results]
-                    row = _row(small, problems, derived, None)
-                    rows[label(small)] = {**row, "derived_from": label(cfg)}
-        if on_rows is not None:
-            on_rows([rows[label(c)] for c in configs if label(c) in rows])
+        rows[label(cfg)] = _row(cfg, problems, [j.result() for j in jobs], wall)
+        if cfg is largest:
+            samples = [_samples(j) for j in jobs]
+            for small in derived:
+                results = [replay.replay(s, small) for s in samples]
+                rows[label(small)] = {
+                    **_row(small, problems, results, None),
+                    "derived_from": label(cfg),
+                }
+        report()
     return [rows[label(c)] for c in configs]
 
 

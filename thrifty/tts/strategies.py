@@ -39,6 +39,7 @@ class Trace:
     answer: str | None
     mean_logprob: float | None = None
     confidence: float | None = None  # deepconf trace confidence
+    token_confidences: list[float] | None = None  # per token, where logprobs were asked for
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,9 @@ class Job:
     start_time: float = 0.0
     wall_s: float = 0.0
     monitors: dict[tuple[str, int], WindowMonitor] = field(default_factory=dict)
+    # top-k logprobs to ask for even where the strategy needs none, so that other strategies
+    # can be replayed on these samples (thrifty.tts.replay)
+    record_logprobs: int | None = None
 
     # -- launching ------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,7 +90,8 @@ class Job:
     def _launch(self, n: int, *, greedy: bool = False) -> None:
         c = self.config
         # deepconf reads the top-k list; best-of-n only the chosen token's logprob
-        logprobs = {"deepconf": c.top_logprobs, "best-of-n": 0}.get(c.strategy)
+        needed = {"deepconf": c.top_logprobs, "best-of-n": 0}
+        logprobs = needed.get(c.strategy, self.record_logprobs)
         params = SamplingParams(
             n=n,
             max_tokens=c.max_tokens,
@@ -145,6 +150,7 @@ class Job:
             trace.mean_logprob = sum(lp.logprob for lp in lps) / len(lps)
             confs = [token_confidence(lp) for lp in lps]
             trace.confidence = trace_confidence(confs, self.config.window)
+            trace.token_confidences = confs
         return trace
 
     def _next(self) -> None:
