@@ -329,7 +329,7 @@ def test_jobs_run_in_the_engine_loop_and_vote():
     async def work():
         run = serving.completion_scaling(req)
         run.start()
-        return await run.completion_full("fake")
+        return await run.full("fake")
 
     body = in_loop(serving, work)
     info = body["test_time_scaling"]

@@ -31,6 +31,7 @@ from thrifty.server.config import ServerConfig
 from thrifty.server.metrics import Metrics
 from thrifty.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
 from thrifty.server.responses import Responses
+from thrifty.server.scaling import ScalingRun
 from thrifty.server.serving import Serving
 
 STATIC = Path(__file__).parent / "static"
@@ -66,6 +67,16 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
 
+    async def scaled(request: Request, run: ScalingRun, stream: bool, usage: bool) -> Response:
+        """Answer a request that asked for test_time_scaling: one job, one chosen answer."""
+        run.start()
+        if stream:
+            return EventStream(run.stream(config.model_name, usage), run.abort)
+        try:
+            return await until_disconnect(request, run.full(config.model_name))
+        finally:
+            run.abort()  # frees the blocks at once if the client left; else a no-op
+
     @v1.get("/models")
     async def models() -> dict[str, Any]:
         card = {"id": config.model_name, "object": "model", "created": started,
@@ -77,14 +88,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         req = parse(ChatCompletionRequest, await read_body(request, config.max_body_bytes))
         usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.test_time_scaling is not None:
-            run = serving.chat_scaling(req)
-            run.start()
-            if req.stream:
-                return EventStream(run.chat_stream(config.model_name, usage), run.abort)
-            try:
-                return await until_disconnect(request, run.chat_full(config.model_name))
-            finally:
-                run.abort()
+            return await scaled(request, serving.chat_scaling(req), req.stream, usage)
         gen, parsers = serving.chat(req)
         gen.start(parsers)
         if req.stream:
@@ -99,14 +103,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         req = parse(CompletionRequest, await read_body(request, config.max_body_bytes))
         usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.test_time_scaling is not None:
-            run = serving.completion_scaling(req)
-            run.start()
-            if req.stream:
-                return EventStream(run.completion_stream(config.model_name, usage), run.abort)
-            try:
-                return await until_disconnect(request, run.completion_full(config.model_name))
-            finally:
-                run.abort()
+            return await scaled(request, serving.completion_scaling(req), req.stream, usage)
         gen = serving.completion(req)
         gen.start()
         want = req.logprobs is not None

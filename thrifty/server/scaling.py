@@ -84,6 +84,7 @@ class ScalingRun:
         self.created = int(time.time())
         self.arrival = time.perf_counter()
         self.job = Job(serving.engine.engine, ids, config)
+        self.chat = kind == "chatcmpl"  # else a text completion
         self.opened = opened  # the template opened <think> (None: not a thinking model)
         self.num_prompt_tokens = len(ids)
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -144,67 +145,35 @@ class ScalingRun:
     def head(self, kind: str, model: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": model}
 
-    # -- chat ------------------------------------------------------------------------------
-    async def chat_full(self, model: str) -> dict[str, Any]:
+    def choice(self, result: dict[str, Any], streamed: bool) -> dict[str, Any]:
+        """The chosen sample as the one choice of a chat or text completion (or chunk)."""
+        finish = result["finish_reason"] or "stop"
+        if not self.chat:
+            return {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": finish}
+        message = self.message(result)
+        if streamed:
+            del message["role"]  # sent in the first chunk
+            return _delta(message, finish)
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+    async def full(self, model: str) -> dict[str, Any]:
         result = await self.result()
-        choice = {
-            "index": 0,
-            "message": self.message(result),
-            "logprobs": None,
-            "finish_reason": result["finish_reason"] or "stop",
-        }
         return {
-            **self.head("chat.completion", model),
-            "choices": [choice],
+            **self.head("chat.completion" if self.chat else "text_completion", model),
+            "choices": [self.choice(result, streamed=False)],
             "usage": self.usage(result),
             "test_time_scaling": _summary(result),
         }
 
-    async def chat_stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
-        head = self.head("chat.completion.chunk", model)
-        if include_usage:
-            head["usage"] = None
-        role = {"role": "assistant", "content": ""}
-        try:
-            yield _event({**head, "choices": [_delta(role, None)]})
-            result = await self.result()
-            delta = self.message(result)
-            del delta["role"]
-            choice = _delta(delta, result["finish_reason"] or "stop")
-            yield _event({**head, "choices": [choice], "test_time_scaling": _summary(result)})
-            if include_usage:
-                yield _event({**head, "choices": [], "usage": self.usage(result)})
-        except ApiError as e:
-            yield _event(e.body())
-        finally:
-            self.abort()
-        yield "data: [DONE]\n\n"
-
-    # -- text completions ------------------------------------------------------------------
-    def _text_choice(self, result: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "index": 0,
-            "text": result["text"],
-            "logprobs": None,
-            "finish_reason": result["finish_reason"] or "stop",
-        }
-
-    async def completion_full(self, model: str) -> dict[str, Any]:
-        result = await self.result()
-        return {
-            **self.head("text_completion", model),
-            "choices": [self._text_choice(result)],
-            "usage": self.usage(result),
-            "test_time_scaling": _summary(result),
-        }
-
-    async def completion_stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
-        head = self.head("text_completion", model)
+    async def stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
+        head = self.head("chat.completion.chunk" if self.chat else "text_completion", model)
         if include_usage:
             head["usage"] = None
         try:
+            if self.chat:
+                yield _event({**head, "choices": [_delta({"role": "assistant", "content": ""})]})
             result = await self.result()
-            choice = self._text_choice(result)
+            choice = self.choice(result, streamed=True)
             yield _event({**head, "choices": [choice], "test_time_scaling": _summary(result)})
             if include_usage:
                 yield _event({**head, "choices": [], "usage": self.usage(result)})
@@ -215,7 +184,7 @@ class ScalingRun:
         yield "data: [DONE]\n\n"
 
 
-def _delta(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
