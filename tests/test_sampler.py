@@ -3,10 +3,18 @@ logprobs. Rows are Sequences built directly; no model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from thrifty.engine.sampler import Sampler, SamplingTensors, apply_penalties, top_k_top_p_min_p
+from thrifty.engine.sampler import (
+    Sampler,
+    SamplingTensors,
+    apply_penalties,
+    candidate_logits,
+    top_k_top_p_min_p,
+)
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.sequence import Sequence
 
@@ -204,3 +212,70 @@ def test_logprobs_are_log_softmax_with_a_sorted_top_k(temperature):
             assert values == pytest.approx(expected.values.tolist(), abs=1e-5)
     if temperature == 0:
         assert logprobs[0].top[0] == (tokens[0], logprobs[0].logprob)
+
+
+def peaked_logits(rows: int, seed: int) -> torch.Tensor:
+    """Logits whose top 16 tokens hold most of the mass, as a language model's usually do."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, V, generator=g)
+    head = torch.randperm(V, generator=g)[:12]
+    logits[:, head] += 4 + torch.rand(rows, 12, generator=g) * 2
+    return logits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_candidate_path_keeps_the_reference_set_and_probabilities(seed):
+    logits = peaked_logits(12, seed)
+    params = [
+        {"top_p": 0.9},
+        {"top_p": 0.5, "temperature": 0.7},
+        {"top_k": 5},
+        {"top_k": 16, "top_p": 0.8},
+        {"top_k": 40},  # more than the candidates: the full path
+        {"top_p": 0.999999},  # the candidates do not hold the mass: the full path
+        {"top_p": 0.95, "min_p": 0.05},
+        {},  # no truncation: the full path
+        {"top_k": 3, "temperature": 2.0},
+        {"top_p": 0.7, "temperature": 1.5},
+        {"top_k": 1},
+        {"top_p": 0.97},
+    ]
+    seqs = [make_seq(**p) for p in params]
+    t = SamplingTensors.build(seqs, V, logits.device)
+    scaled = logits / t.temperature
+    reference = top_k_top_p_min_p(scaled, replace(t, min_p=None))
+    fits, values, ids = candidate_logits(scaled, t, 16)
+    assert fits.tolist()[4:6] == [False, False] and fits.tolist()[7] is False
+    assert fits[[0, 1, 2, 3, 8, 10]].all()
+    for row in fits.nonzero().flatten().tolist():
+        got = torch.full((V,), float("-inf")).scatter(0, ids[row], values[row])
+        assert torch.equal(torch.isfinite(got), torch.isfinite(reference[row])), params[row]
+        assert torch.allclose(got.softmax(-1), reference[row].softmax(-1), atol=1e-6)
+
+
+def test_candidate_sampling_follows_the_truncated_distribution():
+    base = torch.tensor([0.4, 0.25, 0.15, 0.1, *[0.1 / 60] * 60])
+    draws = 20_000
+    logits = base.log()[None].repeat(draws, 1)
+    torch.manual_seed(2)
+    tokens, _ = Sampler(candidates=8)(logits, [make_seq(top_p=0.8) for _ in range(draws)])
+    counts = counts_of(tokens, V)
+    assert counts[4:].sum() == 0  # the nucleus is the first four tokens (0.9 >= 0.8 at rank 4)
+    kept = base[:4] / base[:4].sum()
+    assert chi_square(counts[:4], kept) < CHI2_CRIT_DF3
+
+
+def test_seeded_row_on_the_candidate_path_does_not_depend_on_its_batch():
+    logits = peaked_logits(1, seed=9)[0]
+
+    def draws(companions: int) -> list[int]:
+        seeded = make_seq(seed=5, top_p=0.9)
+        batch = [seeded, *(make_seq(top_k=i % 3, temperature=1.2) for i in range(companions))]
+        rows = peaked_logits(len(batch), seed=10)
+        rows[0] = logits
+        return [Sampler(candidates=16)(rows.clone(), batch)[0][0] for _ in range(20)]
+
+    alone = draws(0)
+    assert len(set(alone)) > 2
+    torch.manual_seed(7)
+    assert draws(4) == alone
