@@ -75,6 +75,13 @@ def test_boxed_unclosed_and_nested():
         ("1/0", None),
         ("x", None),
         ("12,34", None),  # not a thousands separator
+        # a sampled answer can be anything Decimal parses; none of these is a usable number
+        ("Infinity", None),
+        ("-inf", None),
+        ("NaN", None),
+        ("inf/2", None),
+        ("1e999999", None),  # exact, it would be a million-digit integer
+        ("1e3", Fraction(1000)),
     ],
 )
 def test_to_number(text, value):
@@ -83,6 +90,7 @@ def test_to_number(text, value):
 
 def test_canonical_keys():
     assert canonical("1,000") == canonical("1000.00") == "1000"
+    assert canonical("Infinity") == "Infinity"  # votes as text instead of crashing the tally
     assert canonical("0.5") == canonical(r"\frac{1}{2}") == "1/2"
     assert canonical("x + 1") == "x+1"
     assert canonical(None) is None

@@ -96,10 +96,19 @@ def to_number(answer: str) -> Fraction | None:
     try:
         if "/" in a:
             num, den = a.split("/", 1)
-            return Fraction(Decimal(num)) / Fraction(Decimal(den))
-        return Fraction(Decimal(a))
-    except (InvalidOperation, ValueError, ZeroDivisionError):
+            return _exact(num) / _exact(den)
+        return _exact(a)
+    except (InvalidOperation, ValueError, ZeroDivisionError, OverflowError):
         return None
+
+
+def _exact(text: str) -> Fraction:
+    """A decimal literal as an exact fraction; "inf", "NaN" and absurd exponents ("1e999999",
+    which would build a million-digit integer) are not numbers an answer can be."""
+    d = Decimal(text)
+    if not d.is_finite() or abs(d.adjusted()) > 1000:
+        raise ValueError(f"not a usable number: {text!r}")
+    return Fraction(d)
 
 
 def canonical(answer: str | None) -> str | None:
