@@ -466,8 +466,9 @@ def test_chat_page_in_headless_chromium(url, browser, tmp_path):
     def error() -> str:
         return " ".join(e.text for e in browser.find_elements(By.CSS_SELECTOR, ".error"))
 
-    assert not error()
-    # The stop button, in a new chat: the two sampled answers above may have filled the context.
+    # The stop button, in a new chat: the two sampled answers above may have filled the 1024-token
+    # context, and then the second turn shows the server's context error instead of an answer.
+    assert not error() or "context holds 1024" in error(), error()
     # A sampled story can, rarely, end before the click lands; then it is asked again.
     for _ in range(3):
         find("#reset").click()
