@@ -8,7 +8,7 @@ aborted, which frees their sequences and KV blocks at once (a no-op for finished
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from thrifty.engine.sequence import TokenLogprob
@@ -97,27 +97,15 @@ class Responses:
             "usage": gen.usage(),
         }
 
-    async def chat_stream(
+    def chat_stream(
         self, gen: Generation, want_logprobs: bool, include_usage: bool
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {
-                "id": gen.id,
-                "object": "chat.completion.chunk",
-                "created": gen.created,
-                "model": self.model_name,
-                "choices": choices,
-                **({"usage": None} if include_usage else {}),
-                **extra,
-            }
-            return _event(body)
-
         def delta(c: Choice, d: dict[str, Any], logprobs=None, finish=None) -> dict[str, Any]:
             return {"index": c.index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
 
-        try:
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
             for c in gen.choices:
-                yield chunk([delta(c, {"role": "assistant", "content": ""})])
+                yield {"choices": [delta(c, {"role": "assistant", "content": ""})]}
             async for c, out in gen.outputs():
                 r, t = _take_text(c, out.delta_text)
                 if out.finish_reason is not None:
@@ -128,32 +116,16 @@ class Responses:
                     d["content"] = t
                 lps = self.chat_logprobs(out.logprobs) if want_logprobs and out.logprobs else None
                 if d or lps or out.finish_reason:
-                    yield chunk([delta(c, d, lps, out.finish_reason)])
-            if include_usage:
-                yield chunk([], usage=gen.usage())
-        except ApiError as e:
-            yield _event(e.body())
-        finally:
-            gen.abort()
-        yield "data: [DONE]\n\n"
+                    yield {"choices": [delta(c, d, lps, out.finish_reason)]}
 
-    async def completion_stream(
+        head = self._head(gen, "chat.completion.chunk")
+        return event_stream(chunks(), head, include_usage, gen.usage, gen.abort)
+
+    def completion_stream(
         self, gen: Generation, want_logprobs: bool, include_usage: bool
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {
-                "id": gen.id,
-                "object": "text_completion",
-                "created": gen.created,
-                "model": self.model_name,
-                "choices": choices,
-                **({"usage": None} if include_usage else {}),
-                **extra,
-            }
-            return _event(body)
-
-        offsets = [0] * len(gen.choices)
-        try:
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            offsets = [0] * len(gen.choices)
             async for c, out in gen.outputs():
                 lps = None
                 if want_logprobs and out.logprobs:
@@ -166,14 +138,37 @@ class Responses:
                         "logprobs": lps,
                         "finish_reason": out.finish_reason,
                     }
-                    yield chunk([choice])
-            if include_usage:
-                yield chunk([], usage=gen.usage())
-        except ApiError as e:
-            yield _event(e.body())
-        finally:
-            gen.abort()
-        yield "data: [DONE]\n\n"
+                    yield {"choices": [choice]}
+
+        head = self._head(gen, "text_completion")
+        return event_stream(chunks(), head, include_usage, gen.usage, gen.abort)
+
+    def _head(self, gen: Generation, kind: str) -> dict[str, Any]:
+        return {"id": gen.id, "object": kind, "created": gen.created, "model": self.model_name}
+
+
+async def event_stream(
+    chunks: AsyncIterator[dict[str, Any]],
+    head: dict[str, Any],
+    include_usage: bool,
+    usage: Callable[[], dict[str, Any]],
+    abort: Callable[[], None],
+) -> AsyncIterator[str]:
+    """The SSE of one streamed completion: each chunk (its choices and any extra fields) under the
+    shared head, the usage chunk if asked for, an error event if the request fails, and [DONE].
+    The request is aborted however the stream ends (a no-op once it is done)."""
+    if include_usage:
+        head = {**head, "usage": None}
+    try:
+        async for chunk in chunks:
+            yield _event({**head, **chunk})
+        if include_usage:
+            yield _event({**head, "choices": [], "usage": usage()})
+    except ApiError as e:
+        yield _event(e.body())
+    finally:
+        abort()
+    yield "data: [DONE]\n\n"
 
 
 def _take_text(choice: Choice, delta: str | None) -> tuple[str, str]:

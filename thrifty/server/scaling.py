@@ -22,7 +22,7 @@ from thrifty.errors import ThriftyError
 from thrifty.server.async_engine import Failed
 from thrifty.server.protocol import ApiError, SamplingRequest
 from thrifty.server.reasoning import split_reasoning
-from thrifty.server.responses import _event
+from thrifty.server.responses import event_stream
 from thrifty.tts import Job, TTSConfig
 
 if TYPE_CHECKING:
@@ -165,23 +165,18 @@ class ScalingRun:
             "test_time_scaling": _summary(result),
         }
 
-    async def stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
-        head = self.head("chat.completion.chunk" if self.chat else "text_completion", model)
-        if include_usage:
-            head["usage"] = None
-        try:
+    def stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
+        result: dict[str, Any] = {}
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
             if self.chat:
-                yield _event({**head, "choices": [_delta({"role": "assistant", "content": ""})]})
-            result = await self.result()
+                yield {"choices": [_delta({"role": "assistant", "content": ""})]}
+            result.update(await self.result())
             choice = self.choice(result, streamed=True)
-            yield _event({**head, "choices": [choice], "test_time_scaling": _summary(result)})
-            if include_usage:
-                yield _event({**head, "choices": [], "usage": self.usage(result)})
-        except ApiError as e:
-            yield _event(e.body())
-        finally:
-            self.abort()
-        yield "data: [DONE]\n\n"
+            yield {"choices": [choice], "test_time_scaling": _summary(result)}
+
+        head = self.head("chat.completion.chunk" if self.chat else "text_completion", model)
+        return event_stream(chunks(), head, include_usage, lambda: self.usage(result), self.abort)
 
 
 def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
