@@ -103,19 +103,31 @@ def wait_idle(url: str, timeout: float = 5.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def url(smollm2_gguf) -> Iterator[str]:
+@contextmanager
+def suite_server(model: str = MODEL) -> Iterator[str]:
+    """The server the server tests share: one thread, CONTEXT tokens, n <= 8, 128 MiB of KV
+    cache, and the API key KEY."""
     with launch(
         "--num-threads", "1", "--max-model-len", str(CONTEXT), "--max-n", "8",
         "--kv-cache-memory-bytes", str(128 << 20),
-        env={"THRIFTY_API_KEY": KEY},
+        env={"THRIFTY_API_KEY": KEY}, model=model,
     ) as url:  # fmt: skip
+        yield url
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def url(smollm2_gguf) -> Iterator[str]:
+    with suite_server() as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(url)
 
 
 @pytest.fixture(scope="module")

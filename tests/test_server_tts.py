@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import httpx2 as httpx
 import openai
 import pytest
-from test_server import KEY, launch, wait_idle
+from test_server import KEY, openai_client, suite_server, wait_idle
 from test_tts_strategies import ID, FakeEngine, answers, trace
 
 from thrifty import hub
@@ -74,17 +74,13 @@ def model_dir(smollm2_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(model_dir) -> Iterator[str]:
-    with launch(
-        "--num-threads", "1", "--max-model-len", "1024", "--max-n", "8",
-        "--kv-cache-memory-bytes", str(128 << 20),
-        env={"THRIFTY_API_KEY": KEY}, model=str(model_dir),
-    ) as url:  # fmt: skip
+    with suite_server(str(model_dir)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(url)
 
 
 @pytest.fixture(scope="module")
