@@ -115,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _llm(args: argparse.Namespace, model: str | None):
+def _llm(args: argparse.Namespace, model: str | None, **kwargs: Any):
+    """The LLM the model flags (add_model_flags) ask for; `kwargs`: more engine settings."""
     from thrifty.llm import LLM
 
-    kwargs: dict[str, Any] = {}
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     if args.quantization:

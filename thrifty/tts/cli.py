@@ -117,7 +117,7 @@ def _numbers(flag: str, text: str, kind: type) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from thrifty.llm import LLM
+    from thrifty.cli import _llm
     from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
     from thrifty.tts.tasks import load_problems, parse_options
 
@@ -142,17 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     engine_kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
     if args.num_threads:
         engine_kwargs["num_threads"] = args.num_threads
-    if args.max_model_len:
-        engine_kwargs["max_model_len"] = args.max_model_len
-    if getattr(args, "quantization", None):
-        engine_kwargs["quantization"] = args.quantization
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        allow_pickle=args.allow_pickle,
-        **engine_kwargs,
-    )
+    llm = _llm(args, args.model, **engine_kwargs)
     name = Path(args.data).name if args.data else args.task
     meta = {
         "model": args.model or "default",
