@@ -55,6 +55,8 @@ def test_nested_self_consistency_reads_smaller_n_off_the_largest_run():
     assert by["self-consistency@1"]["wall_s"] is None
     assert by["self-consistency@1"]["derived_from"] == "self-consistency@4"
     assert [p["answer"] for p in by["self-consistency@2"]["per_problem"]] == ["42", "7", "9"]
+    q2 = by["self-consistency@4"]["per_problem"][1]["drawn"]
+    assert q2 == [["7", length], ["9", length], ["9", length], ["9", length]]
 
 
 def test_sweep_runs_every_strategy_and_writes_results(tmp_path):

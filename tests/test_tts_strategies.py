@@ -20,6 +20,7 @@ from thrifty.engine.sequence import TokenLogprob
 from thrifty.errors import ThriftyError
 from thrifty.tokenizer import Tokenizer
 from thrifty.tts import Job, JobSet, ThinkingBudget, TTSConfig, run_jobs, run_strategy
+from thrifty.tts.voting import settled, tally
 
 WORDS = [
     "<unk>",
@@ -214,6 +215,25 @@ def test_adaptive_stops_when_the_vote_is_decided(values, wave, confidence, expec
     )
     assert result["num_samples"] == expected
     assert result["answer"] == "42"
+
+
+def test_adaptive_stops_once_the_remaining_samples_cannot_change_the_winner():
+    # 5:1 after six: Beta gives 0.94 < 0.99, but two more samples cannot overturn a lead of 4.
+    values = ["42", "7", "42", "42", "42", "42", "42", "42"]
+    result, _ = run({"Q1": answers(*values)}, strategy="adaptive", n=8, wave=2, confidence=0.99)
+    assert (result["num_samples"], result["answer"]) == (6, "42")
+    # 3:1 after four with four to go could still end 3:5: keep drawing.
+    values = ["42", "7", "42", "42", "7", "7", "7", "7"]
+    result, _ = run({"Q1": answers(*values)}, strategy="adaptive", n=8, wave=2, confidence=0.99)
+    assert (result["num_samples"], result["answer"]) == (8, "7")
+
+
+def test_settled_counts_ties_for_the_earlier_answer():
+    votes = tally(["7", "42", "42", "42"])  # 42 leads 3:1, 7 came first
+    assert not settled(votes, 2)  # 3:3 would go to 7
+    assert settled(tally(["42", "7", "42", "42"]), 2)  # 3:3 would go to 42
+    assert settled(tally(["42", "42"]), 2) and not settled(tally(["42"]), 2)
+    assert settled([], 0) and not settled([], 1)
 
 
 def test_adaptive_dirichlet_rule():

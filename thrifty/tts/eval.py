@@ -162,6 +162,9 @@ def evaluate(
         rows[label(cfg)] = _row(cfg, problems, [j.result() for j in jobs], wall)
         if cfg is largest:
             samples = [_samples(j) for j in jobs]
+            # Every sample's answer and length, in draw order, for studying other rules offline.
+            for entry, drawn in zip(rows[label(cfg)]["per_problem"], samples, strict=True):
+                entry["drawn"] = [[s.answer, s.tokens] for s in drawn]
             for small in derived:
                 results = [replay.replay(s, small) for s in samples]
                 rows[label(small)] = {

@@ -16,7 +16,7 @@ from typing import Any
 
 from thrifty.tts.confidence import threshold_from_warmup, trace_confidence
 from thrifty.tts.config import TTSConfig
-from thrifty.tts.voting import tally, vote_confidence
+from thrifty.tts.voting import settled, tally, vote_confidence
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ def adaptive(samples: list[Sample], config: TTSConfig) -> dict[str, Any]:
         used += min(config.wave, n - used)
         votes = tally([s.answer for s in samples[:used]], symbolic=False)
         if votes and vote_confidence(votes, config.stopping_rule) >= config.confidence:
+            break
+        if settled(votes, config.n - used):  # the budget the online job has
             break
     return self_consistency(samples, used, config.symbolic)
 

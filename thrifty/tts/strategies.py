@@ -24,7 +24,7 @@ from thrifty.tts.confidence import (
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.extract import extract_answer
 from thrifty.tts.thinking import ThinkingBudget
-from thrifty.tts.voting import tally, vote_confidence
+from thrifty.tts.voting import settled, tally, vote_confidence
 
 _job_ids = itertools.count()
 
@@ -161,7 +161,8 @@ class Job:
             # answers exactly and numerically, never waiting on sympy; the final vote merges
             # symbolically equal answers.
             votes = tally([t.answer for t in self.traces], symbolic=False)
-            if not votes or vote_confidence(votes, c.stopping_rule) < c.confidence:
+            sure = bool(votes) and vote_confidence(votes, c.stopping_rule) >= c.confidence
+            if not sure and not settled(votes, c.n - used):
                 self._launch(min(c.wave, c.n - used))
                 return
         if c.strategy == "deepconf" and c.early_stop and self.threshold is None:

@@ -65,6 +65,20 @@ def dirichlet_confidence(counts: list[int], samples: int = 4000, seed: int = 0) 
     return float((draws.argmax(axis=1) == int(np.argmax(alpha))).mean())
 
 
+def settled(votes: list[Vote], remaining: int) -> bool:
+    """Whether `remaining` more samples can no longer change the winner of `votes` (counts, as
+    tally orders them): not even if every one of them went to the runner-up or to a new answer.
+    Ties go to the earlier answer, as in tally. Stopping here loses nothing against drawing all
+    of them."""
+    if not votes:
+        return remaining == 0
+    lead = votes[0]
+    if len(votes) == 1:
+        return lead.count >= remaining  # a new answer could at most tie, and it comes later
+    gap = lead.count - votes[1].count
+    return gap > remaining or (gap == remaining and lead.first < votes[1].first)
+
+
 def vote_confidence(votes: list[Vote], rule: str = "beta") -> float:
     """How sure the current vote is that its leader would stay the leader with more samples."""
     counts = [v.count for v in sorted(votes, key=lambda v: -v.count)]
