@@ -125,10 +125,15 @@ torch::Tensor permute_x(const torch::Tensor& x2, int64_t Kp) {
 }
 
 // Lane m * R + r of the result: dot(x[m], W[r] * S[tile's block row]) for m < mb, r < nr.
+// Each row of W is read start to end, so a tile streams its 16 rows' bytes in memory order (the
+// hardware prefetcher keeps up with one sequential stream, not with rows read side by side).
+// With few rows of x that leaves one chain of dot products waiting on each other's latency, so
+// each row of x gets A accumulators, the 64-byte halves and chunks of a block spread over them.
 template <int MB>
 inline __m512 micro(const Decoder& dec, const uint16_t* x, int mb, int64_t Kp, const uint8_t* w,
                     int nr, int64_t K, const float* srow) {
   constexpr int R = kTile / MB;
+  constexpr int A = MB >= 4 ? 1 : 4 / MB;
   const uint16_t* xp[MB];
   for (int m = 0; m < MB; ++m) xp[m] = x + std::min(m, mb - 1) * Kp;
   __m512 acc[kTile];
@@ -136,10 +141,13 @@ inline __m512 micro(const Decoder& dec, const uint16_t* x, int mb, int64_t Kp, c
   for (int r = 0; r < R; ++r) {
     const uint8_t* wr = w + std::min(r, nr - 1) * K;
     for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kBlockK, ++kb) {
-      const int64_t k1 = std::min(k0 + kBlockK, K);
-      __m512 part[MB];
-      for (int m = 0; m < MB; ++m) part[m] = _mm512_setzero_ps();
-      for (int64_t k = k0; k < k1; k += 64) {
+      __m512 part[MB][A];
+      for (int m = 0; m < MB; ++m)
+        for (int a = 0; a < A; ++a) part[m][a] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+      for (int c = 0; c < kBlockK / 64; ++c) {
+        const int64_t k = k0 + 64 * c;
+        if (k >= K) break;
         __m512i bytes;
         if (k + 64 <= K) {
           bytes = _mm512_loadu_si512(wr + k);
@@ -150,12 +158,18 @@ inline __m512 micro(const Decoder& dec, const uint16_t* x, int mb, int64_t Kp, c
         dec.decode(bytes, wa, wb);
         for (int m = 0; m < MB; ++m) {
           const uint16_t* xk = xp[m] + k;
-          part[m] = _mm512_dpbf16_ps(part[m], (__m512bh)_mm512_loadu_si512(xk), (__m512bh)wa);
-          part[m] = _mm512_dpbf16_ps(part[m], (__m512bh)_mm512_loadu_si512(xk + 32), (__m512bh)wb);
+          __m512& pa = part[m][(2 * c) % A];
+          pa = _mm512_dpbf16_ps(pa, (__m512bh)_mm512_loadu_si512(xk), (__m512bh)wa);
+          __m512& pb = part[m][(2 * c + 1) % A];
+          pb = _mm512_dpbf16_ps(pb, (__m512bh)_mm512_loadu_si512(xk + 32), (__m512bh)wb);
         }
       }
       const __m512 s = _mm512_set1_ps(srow[kb]);
-      for (int m = 0; m < MB; ++m) acc[m * R + r] = _mm512_fmadd_ps(part[m], s, acc[m * R + r]);
+      for (int m = 0; m < MB; ++m) {
+        __m512 sum = part[m][0];
+        for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, part[m][a]);
+        acc[m * R + r] = _mm512_fmadd_ps(sum, s, acc[m * R + r]);
+      }
     }
   }
   return reduce16(acc);
