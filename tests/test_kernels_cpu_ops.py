@@ -112,6 +112,28 @@ def test_silu_and_mul_matches_reference(rows, half, dtype, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(
+    rows=st.integers(1, 9),
+    heads=st.integers(1, 5),
+    dims=st.sampled_from([(64, 64), (128, 128), (64, 32), (2, 2)]),  # (head_dim, rotary dims)
+    pad=st.integers(0, 40),  # the heads are a view with a wider row (a fused qkv output)
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_matches_reference(rows, heads, dims, pad, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    d, r = dims
+    wide = torch.randn(rows, heads * d + pad, generator=g).to(dtype)
+    x = wide[:, : heads * d].view(rows, heads, d)
+    angles = torch.rand(rows, 1, r // 2, generator=g) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    got = kernels.rope(x, cos, sin)
+    assert got.shape == x.shape and got.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, kernels.reference_rope(x, cos, sin), atol=tol, rtol=tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
     rows=st.integers(1, 33),
     vocab=st.integers(1, 3000),
     ties=st.booleans(),

@@ -202,6 +202,19 @@ def reference_store_kv(
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x (N, H, D) by cos, sin (N, 1, rotary_dim / 2) in x's
+    dtype: one pass in float32, rounded once, into a new contiguous tensor."""
+    return _cpu_ops().rope(x, cos, sin)
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = cos.shape[-1]
+    xf, c, s = x.float(), cos.float(), sin.float()
+    x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, rest), dim=-1).to(x.dtype)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] on the last dim, float32 inside, rounded once."""
     return _cpu_ops().silu_and_mul(x)

@@ -1,5 +1,5 @@
 // Small CPU ops of the decode step, where torch's per-op overhead outweighs the work:
-// paged decode attention and RMSNorm.
+// paged decode attention, RMSNorm, rotary embedding, the KV store, SwiGLU and argmax.
 //
 // Decode attention straight over the paged KV cache: one query token per sequence, keys and
 // values read in place through the block table (no gather into a padded copy).
@@ -314,6 +314,54 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   }
 }
 
+// Rotary embedding in the rotate-half (GPT-NeoX) layout: x (N, H, D), any strides with a unit
+// last one (a view of the fused qkv output); cos, sin (N, R / 2) contiguous in x's dtype, R the
+// rotary dims. Row n, head h: the first R dims become (x1 c - x2 s, x2 c + x1 s), the rest are
+// copied. One pass in float32, rounded once, into a new contiguous (N, H, D).
+template <typename T>
+void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t N, int64_t H, int64_t D,
+               int64_t R, int64_t sn, int64_t sh) {
+  const int64_t half = R / 2;
+  at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / H, h = i % H;
+      const T* xr = x + n * sn + h * sh;
+      const T* c = cos + n * half;
+      const T* s = sin + n * half;
+      T* o = out + i * D;
+      for (int64_t j = 0; j < half; ++j) {
+        const float x1 = to_float(xr[j]), x2 = to_float(xr[j + half]);
+        const float cj = to_float(c[j]), sj = to_float(s[j]);
+        o[j] = static_cast<T>(x1 * cj - x2 * sj);
+        o[j + half] = static_cast<T>(x2 * cj + x1 * sj);
+      }
+      for (int64_t j = R; j < D; ++j) o[j] = xr[j];
+    }
+  });
+}
+
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be (N, H, D) with a unit last stride");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "cos and sin must be in x's dtype");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), R = 2 * (cos.numel() / std::max<int64_t>(N, 1));
+  TORCH_CHECK(cos.numel() == sin.numel() && cos.numel() == N * (R / 2) && R <= D,
+              "cos and sin must hold (N, rotary_dim / 2) angles");
+  auto out = torch::empty({N, H, D}, x.options());
+  if (x.scalar_type() == torch::kBFloat16) {
+    rope_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(),
+                             sin.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), N, H,
+                             D, R, x.stride(0), x.stride(1));
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "only float32 and bfloat16 are supported");
+    rope_rows<float>(x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                     out.data_ptr<float>(), N, H, D, R, x.stride(0), x.stride(1));
+  }
+  return out;
+}
+
 // silu(gate) * up for x = [gate | up] along the last dim, in float32, rounded once.
 template <typename T>
 void silu_mul_rows(const T* x, T* out, int64_t N, int64_t F) {
@@ -396,6 +444,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention of one query per sequence over the paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 inside");
   m.def("store_kv", &store_kv, "write new keys and values into their paged cache slots");
+  m.def("rope", &rope, "rotate-half rotary embedding of (N, H, D), float32 inside");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up], float32 inside");
   m.def("argmax_rows", &argmax_rows, "first index of each float32 row's maximum");
 }
