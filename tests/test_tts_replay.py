@@ -25,9 +25,9 @@ PROBLEMS = [Problem("Q1 x", "42"), Problem("Q2 x", "9"), Problem("Q3 x", "42")]
 COMPARED = ("accuracy", "tokens", "samples_per_problem", "stopped_early")
 
 
-@pytest.mark.parametrize("window", [2, 4])
-def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window):
-    base = TTSConfig(window=window, wave=2)
+@pytest.mark.parametrize(("window", "consensus"), [(2, 0.95), (4, 0.95), (4, 0.6), (2, None)])
+def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window, consensus):
+    base = TTSConfig(window=window, wave=2, consensus=consensus)
     configs = sweep_configs(
         ["self-consistency", "adaptive", "deepconf"], [2, 8], base, [0.8, 0.95], [0.1, 0.5, 0.9]
     )
@@ -54,6 +54,9 @@ def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window):
     assert by["deepconf@8 keep=0.1"]["stopped_early"] > by["deepconf@8"]["stopped_early"] > 0
     assert by["adaptive@8 c=0.8"]["samples_per_problem"] < by["adaptive@8"]["samples_per_problem"]
     assert by["deepconf@8"]["derived_from"] == "self-consistency@8"
+    # Q3's warm-up agrees: with a consensus stop, DeepConf draws no more traces for it
+    q3 = by["deepconf@8"]["per_problem"][2]["samples"]
+    assert q3 == (8 if consensus is None else 4)
 
 
 def test_stop_point():
@@ -67,7 +70,7 @@ def test_stop_point():
 def test_replay_without_enough_samples_uses_what_there_is():
     samples = [Sample("42", 5, (1.0,) * 5)] * 3
     assert adaptive(samples, TTSConfig(strategy="adaptive", n=16))["num_samples"] == 3
-    result = deepconf(samples, TTSConfig(strategy="deepconf", n=16, warmup=2))
+    result = deepconf(samples, TTSConfig(strategy="deepconf", n=16, warmup=2, consensus=None))
     assert result["answer"] == "42" and result["num_samples"] == 3 and result["tokens"] == 15
 
 

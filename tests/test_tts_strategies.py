@@ -281,7 +281,9 @@ def test_deepconf_stops_unsure_traces_early_and_frees_their_blocks():
         freed.append((seq.num_output_tokens, used - engine.blocks.num_used_blocks))
 
     engine.abort_sample = watch
-    result = run_strategy(engine, "Q1 x", dict(strategy="deepconf", n=8, warmup=4, window=4))
+    # consensus=None: no stop on agreement (four sure warm-up traces would already agree)
+    config = dict(strategy="deepconf", n=8, warmup=4, window=4, consensus=None)
+    result = run_strategy(engine, "Q1 x", config)
     assert result["threshold"] == pytest.approx(3.0)
     assert result["num_stopped_early"] == 3 and result["num_samples"] == 8
     # Stopped as soon as a full window of 4 dropped below 3.0: at the 4th token.
@@ -291,6 +293,20 @@ def test_deepconf_stops_unsure_traces_early_and_frees_their_blocks():
     full = 5 * len(sure) + 3 * len(unsure)
     assert result["tokens"] == 5 * len(sure) + 3 * 4 < full
     assert engine.blocks.num_used_blocks == 0 and not engine.requests
+
+
+@pytest.mark.parametrize(
+    ("consensus", "samples"),
+    [(0.95, 8), (0.8, 6), (0.7, 4)],  # weighted shares of 42: 9/12, 15/18, 21/24 after 4, 6, 8
+)
+def test_deepconf_stops_drawing_traces_once_the_weighted_vote_agrees(consensus, samples):
+    sure, other = trace("hmm so The answer is 42 .", 3.0), trace("hmm so The answer is 7 .", 3.0)
+    scripts = {"Q1": [sure, other, sure, sure, *[sure] * 4]}
+    result, _ = run(
+        scripts, strategy="deepconf", n=8, warmup=4, wave=2, window=2, consensus=consensus
+    )
+    assert (result["num_samples"], result["answer"]) == (samples, "42")
+    assert result["tokens"] == samples * len(sure)
 
 
 def test_best_of_n_by_mean_logprob_and_by_scorer():

@@ -81,6 +81,7 @@ class ScalingOptions(_Strict):
     window: int | None = None
     top_logprobs: int | None = None
     early_stop: bool | None = None
+    consensus: float | None = None
     symbolic: bool | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)
     min_thinking_tokens: int | None = Field(None, ge=0)

@@ -24,14 +24,18 @@ class TTSConfig:
     top_k: int = 0
     max_tokens: int = 512
     seed: int | None = None
-    # adaptive consistency: samples per wave, and when the vote counts as decided
+    # adaptive consistency (and DeepConf after its warm-up): samples per wave, and when the
+    # vote counts as decided
     wave: int = 2
     confidence: float = 0.95
     stopping_rule: str = "beta"  # or "dirichlet"
-    # deepconf: warm-up traces, the share of them a trace must match to go on, window size
+    # deepconf: warm-up traces, the share of them a trace must match to go on, window size,
+    # and the confidence-weighted share of the leading answer at which no more traces are drawn
+    # (None: draw all n)
     warmup: int = 4
     keep: float = 0.9
     window: int = 32
+    consensus: float | None = 0.95
     top_logprobs: int = 5
     early_stop: bool = True  # False: weight votes by confidence but let every trace finish
     # best-of-n: None scores by mean log-probability
@@ -52,6 +56,10 @@ class TTSConfig:
             (0.5 <= self.confidence < 1, "confidence must be in [0.5, 1)"),
             (self.stopping_rule in ("beta", "dirichlet"), "stopping_rule: beta or dirichlet"),
             (0 < self.keep <= 1, "keep must be in (0, 1]"),
+            (
+                self.consensus is None or 0.5 < self.consensus <= 1,
+                "consensus must be in (0.5, 1], or null to draw all n traces",
+            ),
             (self.window >= 1, "window must be at least 1"),
             (1 <= self.top_logprobs <= 20, "top_logprobs must be in [1, 20]"),
             (

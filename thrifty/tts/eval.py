@@ -155,8 +155,11 @@ def evaluate(
                 job.record_logprobs = record
         with tqdm(total=len(jobs), desc=f"{label(cfg):>22}", disable=not progress) as bar:
             start = time.perf_counter()
-            # samples in flight per job: a wave for adaptive, all n for the others
-            width = cfg.wave if cfg.strategy == "adaptive" else cfg.n
+            # samples in flight per job: a wave for adaptive, the warm-up for DeepConf
+            # (then waves), all n for the others
+            width = {"adaptive": cfg.wave, "deepconf": max(cfg.warmup, cfg.wave)}.get(
+                cfg.strategy, cfg.n
+            )
             run_jobs(engine, jobs, max(1, max_num_seqs // width), lambda _: bar.update())
             wall = time.perf_counter() - start
         rows[label(cfg)] = _row(cfg, problems, [j.result() for j in jobs], wall)

@@ -16,7 +16,7 @@ from typing import Any
 
 from thrifty.tts.confidence import threshold_from_warmup, trace_confidence
 from thrifty.tts.config import TTSConfig
-from thrifty.tts.voting import settled, tally, vote_confidence
+from thrifty.tts.voting import consensus, settled, tally, vote_confidence
 
 
 @dataclass(frozen=True)
@@ -77,29 +77,40 @@ def stop_point(confidences: tuple[float, ...], window: int, threshold: float) ->
 
 
 def deepconf(samples: list[Sample], config: TTSConfig) -> dict[str, Any]:
-    """DeepConf online: warm-up traces set the threshold, later traces are stopped where their
-    windowed confidence drops below it, and the most confident `keep` share of the finished
-    traces vote, weighted by confidence. Without early stopping, every trace finishes."""
+    """DeepConf as Job runs it. Online: warm-up traces set the threshold; later traces come in
+    waves, each stopped where its windowed confidence drops below the threshold, until the
+    finished traces' confidence-weighted vote reaches `consensus`; every finished trace votes,
+    weighted. Offline (no early stopping): all n finish and the most confident `keep` share vote."""
     n = min(config.n, len(samples))
     confs = [trace_confidence(list(s.token_confidences), config.window) for s in samples[:n]]
-    finished, tokens, stopped = list(range(n)), 0, 0
-    if config.early_stop:
-        warmup = min(config.warmup, n)
-        threshold = threshold_from_warmup(confs[:warmup], config.keep)
-        finished = list(range(warmup))
-        for i in range(warmup, n):
+    if not config.early_stop:
+        ranked = sorted(range(n), key=lambda i: -confs[i])[: math.ceil(config.keep * n)]
+        votes = [samples[i].answer for i in ranked]
+        answer = _winner(votes, [confs[i] for i in ranked], config.symbolic)
+        return _result(answer, sum(s.tokens for s in samples[:n]), n)
+    used = min(config.warmup, n)
+    threshold = threshold_from_warmup(confs[:used], config.keep)
+    finished, tokens, stopped = list(range(used)), 0, 0
+
+    def agreed() -> bool:
+        if config.consensus is None:
+            return False
+        votes = tally([samples[i].answer for i in finished], [confs[i] for i in finished])
+        return consensus(votes) >= config.consensus
+
+    while used < n and not agreed():
+        for i in range(used, min(used + config.wave, n)):
             cut = stop_point(samples[i].token_confidences, config.window, threshold)
             if cut is None:
                 finished.append(i)
             else:
                 stopped += 1
                 tokens += cut
+        used = min(used + config.wave, n)
     tokens += sum(samples[i].tokens for i in finished)
-    ranked = sorted(finished, key=lambda i: -confs[i])[: math.ceil(config.keep * len(finished))]
-    answer = _winner(
-        [samples[i].answer for i in ranked], [confs[i] for i in ranked], config.symbolic
-    )
-    return _result(answer, tokens, n, stopped)
+    answers = [samples[i].answer for i in finished]
+    answer = _winner(answers, [confs[i] for i in finished], config.symbolic)
+    return _result(answer, tokens, used, stopped)
 
 
 REPLAYABLE = {"adaptive": adaptive, "deepconf": deepconf}

@@ -24,7 +24,7 @@ from thrifty.tts.confidence import (
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.extract import extract_answer
 from thrifty.tts.thinking import ThinkingBudget
-from thrifty.tts.voting import settled, tally, vote_confidence
+from thrifty.tts.voting import consensus, settled, tally, vote_confidence
 
 _job_ids = itertools.count()
 
@@ -165,13 +165,23 @@ class Job:
             if not sure and not settled(votes, c.n - used):
                 self._launch(min(c.wave, c.n - used))
                 return
-        if c.strategy == "deepconf" and c.early_stop and self.threshold is None:
-            confs = [t.confidence or 0.0 for t in self.traces]
-            self.threshold = threshold_from_warmup(confs, c.keep)
-            self._launch(c.n - c.warmup)
-            return
+        if c.strategy == "deepconf" and c.early_stop:
+            if self.threshold is None:  # the warm-up is in
+                confs = [t.confidence or 0.0 for t in self.traces]
+                self.threshold = threshold_from_warmup(confs, c.keep)
+            if used < c.n and not self._agreed():
+                self._launch(min(c.wave, c.n - used))
+                return
         self.done = True
         self.wall_s = time.perf_counter() - self.start_time
+
+    def _agreed(self) -> bool:
+        """DeepConf's consensus stop: the finished traces' confidence-weighted vote is decided."""
+        if self.config.consensus is None:
+            return False
+        weights = [t.confidence or 0.0 for t in self.traces]
+        votes = tally([t.answer for t in self.traces], weights, symbolic=False)
+        return consensus(votes) >= self.config.consensus
 
     # -- the answer ------------------------------------------------------------------------
     def result(self) -> dict[str, Any]:
@@ -180,9 +190,11 @@ class Job:
         weights = None
         chosen: Trace | None = None
         if c.strategy == "deepconf":
-            # Vote with the most confident `keep` share of the finished traces, weighted.
-            ranked = sorted(traces, key=lambda t: -(t.confidence or 0.0))
-            traces = ranked[: math.ceil(c.keep * len(ranked))]
+            # Online, every finished trace votes (the threshold already stopped the unsure
+            # ones); offline, the most confident `keep` share. Votes weighted by confidence.
+            if not c.early_stop:
+                ranked = sorted(traces, key=lambda t: -(t.confidence or 0.0))
+                traces = ranked[: math.ceil(c.keep * len(ranked))]
             weights = [t.confidence or 0.0 for t in traces]
         if c.strategy == "best-of-n" and traces:
             prompt_text = (

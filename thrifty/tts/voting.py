@@ -65,6 +65,12 @@ def dirichlet_confidence(counts: list[int], samples: int = 4000, seed: int = 0) 
     return float((draws.argmax(axis=1) == int(np.argmax(alpha))).mean())
 
 
+def consensus(votes: list[Vote]) -> float:
+    """The leading answer's share of the (weighted) votes; 0 with no votes."""
+    total = sum(v.weight for v in votes)
+    return votes[0].weight / total if votes and total > 0 else 0.0
+
+
 def settled(votes: list[Vote], remaining: int) -> bool:
     """Whether `remaining` more samples can no longer change the winner of `votes` (counts, as
     tally orders them): not even if every one of them went to the runner-up or to a new answer.
