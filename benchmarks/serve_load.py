@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from thrifty.server.metrics import unlabelled
+
 MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -68,12 +70,7 @@ def rss_mib(pid: int) -> float:
 
 
 def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return unlabelled(httpx.get(f"{url}/metrics").text)
 
 
 def wait_idle(url: str, timeout: float = 10.0) -> tuple[float, dict[str, float]]:

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from thrifty import hub
+from thrifty.server.metrics import unlabelled
 from thrifty.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -83,12 +84,7 @@ def launch(
 
 def scrape(url: str) -> dict[str, float]:
     """The server's metrics without labels, by name."""
-    out = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return unlabelled(httpx.get(f"{url}/metrics").text)
 
 
 def wait_idle(url: str, timeout: float = 5.0) -> dict[str, float]:

@@ -7,6 +7,7 @@ running and waiting, KV blocks, prefix-cache hits) is read when scraped.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from thrifty.engine.llm_engine import LLMEngine
 
@@ -73,3 +74,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def unlabelled(text: str) -> dict[str, float]:
+    """The samples without labels of a `/metrics` page, by name (for tests and benchmarks)."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
