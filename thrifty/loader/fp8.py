@@ -42,8 +42,6 @@ class Fp8Weights:
         self.quantize_fmt = fp8.QUANTIZATIONS[quantize] if quantize else None
         self.keep_high = () if quantize in fp8.QUANTIZES_HEAD else HIGH_PRECISION
         self.dtype, self.device = dtype, device
-        # Modules whose weight the model reads as a matrix (MLA's absorbed kv_b_proj) stay dense.
-        self.dense = tuple(getattr(model, "dense_weight_suffixes", ()))
         self.scales: dict[str, torch.Tensor] = {}  # weight name -> scale tensor
         self.shards: dict[str, dict[int | None, tuple[str, torch.Tensor]]] = {}
         self.attached: dict[str, torch.Tensor] = {}  # parameter name -> its block scales
@@ -103,13 +101,11 @@ class Fp8Weights:
             del tensor  # the high-precision copy goes as soon as its FP8 twin exists
 
     def _linear(self, target: str) -> bool:
-        """Whether `target` is the weight of a Linear module that may hold FP8."""
+        """Whether `target` is the weight of a Linear module that may hold FP8. Weights a model
+        reads as a matrix (MLA's absorbed kv_b_proj, the router) are not Linears: they stay
+        in high precision."""
         module_name, _, attr = target.rpartition(".")
-        return (
-            attr == "weight"
-            and not target.endswith(self.dense)
-            and isinstance(self.model.get_submodule(module_name), Linear)
-        )
+        return attr == "weight" and isinstance(self.model.get_submodule(module_name), Linear)
 
     def attach(self) -> None:
         """Set each FP8 weight's Linear module's block scales (after the weights are set)."""

@@ -90,11 +90,10 @@ def _linear_weight_names(model: torch.nn.Module) -> set[str]:
     """Checkpoint names of the weights the loader runs as Linear: merged targets are split
     back into their checkpoint shards (qkv_proj -> q_proj, k_proj, v_proj)."""
     packed = model.packed_modules()
-    dense = tuple(getattr(model, "dense_weight_suffixes", ()))
     names = set()
     for module_name, module in model.named_modules():
         target = f"{module_name}.weight"
-        if not isinstance(module, Linear) or target in HIGH_PRECISION or target.endswith(dense):
+        if not isinstance(module, Linear) or target in HIGH_PRECISION:
             continue
         short = module_name.rpartition(".")[2]
         sources = [src for src, _ in packed[short]] if short in packed else [short]
