@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +25,38 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, model: nn.Module | 
     if model is not None and hasattr(model, "kv_cache_layout"):
         return math.prod(model.kv_cache_layout()) * dtype.itemsize
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+@dataclass
+class ForwardBatch:
+    """The flat inputs of one forward pass: each sequence adds a run of its tokens at their
+    positions, and the batch's attention layout follows from those runs."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+
+    def add(self, seq: Sequence, start: int, tokens: list[int]) -> int:
+        """`tokens` at positions start, start + 1, ... of `seq`; returns their first row."""
+        first = len(self.ids)
+        self.ids += tokens
+        self.positions += range(start, start + len(tokens))
+        self.query_lens.append(len(tokens))
+        self.context_lens.append(start + len(tokens))
+        self.tables.append(seq.block_table)
+        return first
+
+    def run(
+        self, forward: Callable[..., torch.Tensor], block_size: int, device: torch.device, *extra
+    ) -> torch.Tensor:
+        """forward(input_ids, positions, *extra) in this batch's attention context."""
+        meta = build_metadata(self.query_lens, self.context_lens, self.tables, block_size, device)
+        ids = torch.tensor(self.ids, dtype=torch.long, device=device)
+        pos = torch.tensor(self.positions, dtype=torch.long, device=device)
+        with forward_context(meta):
+            return forward(ids, pos, *extra)
 
 
 class ModelRunner:
@@ -68,6 +102,13 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
+    def count(self, seq: Sequence, start: int, n: int) -> None:
+        """Tally n tokens computed from `start`: prompt tokens (prefill) or decoded ones."""
+        if start < seq.num_prompt_tokens:
+            self.num_prefill_tokens += min(n, seq.num_prompt_tokens - start)
+        else:
+            self.num_decode_tokens += n
+
     @torch.inference_mode()
     def step(
         self, batch: list[tuple[Sequence, int]]
@@ -76,29 +117,16 @@ class ModelRunner:
 
         Returns those sequences with their sampled tokens (and logprobs where asked for).
         """
-        ids, positions, query_lens, context_lens, tables = [], [], [], [], []
+        fwd = ForwardBatch()
         sample_rows, sample_seqs = [], []
-        row = 0
         for seq, n in batch:
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            context_lens.append(start + n)
-            tables.append(seq.block_table)
-            row += n
+            first = fwd.add(seq, start, seq.token_ids[start : start + n])
             if start + n == seq.num_tokens:
-                sample_rows.append(row - 1)
+                sample_rows.append(first + n - 1)
                 sample_seqs.append(seq)
-            if start < seq.num_prompt_tokens:
-                self.num_prefill_tokens += min(n, seq.num_prompt_tokens - start)
-            else:
-                self.num_decode_tokens += n
-        meta = build_metadata(query_lens, context_lens, tables, self.block_size, self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        with forward_context(meta):
-            hidden = self.model(input_ids, pos)
+            self.count(seq, start, n)
+        hidden = fwd.run(self.model, self.block_size, self.device)
         if not sample_seqs:
             return [], [], []
         if len(sample_rows) != hidden.shape[0]:

@@ -23,15 +23,15 @@ decode plainly in the same batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from thrifty.engine.block_manager import BlockManager
-from thrifty.engine.model_runner import ModelRunner
+from thrifty.engine.model_runner import ForwardBatch, ModelRunner
 from thrifty.engine.sampler import SamplingTensors, top_k_top_p_min_p
 from thrifty.engine.sequence import Sequence, TokenLogprob
-from thrifty.models.attention import build_metadata, forward_context
 
 
 @dataclass
@@ -130,9 +130,8 @@ class SpecDecoder:
         adds the scheduled token). Returns the sequences that emit, their tokens and logprobs.
         """
         r = self.runner
-        ids, positions, qlens, clens, tables = [], [], [], [], []
+        fwd = ForwardBatch()
         layout = []  # (seq, start, tokens in the forward, first row, draft or None)
-        row = 0
         drafts, self.drafts = self.drafts, {}  # drafts of sequences not scheduled now lapse
         for seq, n in batch:
             start = seq.num_computed_tokens
@@ -142,23 +141,9 @@ class SpecDecoder:
                 draft = None
             if draft is not None:
                 tokens = tokens + draft.tokens
-            ids += tokens
-            positions += range(start, start + len(tokens))
-            qlens.append(len(tokens))
-            clens.append(start + len(tokens))
-            tables.append(seq.block_table)
-            layout.append((seq, start, len(tokens), row, draft))
-            row += len(tokens)
-            if start < seq.num_prompt_tokens:
-                r.num_prefill_tokens += min(n, seq.num_prompt_tokens - start)
-            else:
-                r.num_decode_tokens += n
-        meta = build_metadata(qlens, clens, tables, r.block_size, r.device)
-        with forward_context(meta):
-            hidden = self.model(
-                torch.tensor(ids, dtype=torch.long, device=r.device),
-                torch.tensor(positions, dtype=torch.long, device=r.device),
-            )
+            layout.append((seq, start, len(tokens), fwd.add(seq, start, tokens), draft))
+            r.count(seq, start, n)
+        hidden = fwd.run(self.model, r.block_size, r.device)
         self._hidden = hidden
         self._last = []
         # One head matmul for every row that needs logits: sampled rows and verified rows.
@@ -212,31 +197,21 @@ class SpecDecoder:
     def propose(self) -> None:
         """Run the MTP layer over the positions just computed; draft for decoding sequences."""
         r, model = self.runner, self.model
-        rows, ids, positions, qlens, clens, tables, live = [], [], [], [], [], [], []
+        fwd, rows, live = ForwardBatch(), [], []
         for seq, start, n, first in self._last:
             if seq.finished or seq.num_tokens < start + n + 1:
                 continue
             rows += range(first, first + n)
-            ids += seq.token_ids[start + 1 : start + n + 1]  # x_{t+1} beside h_t
-            positions += range(start, start + n)
-            qlens.append(n)
-            clens.append(start + n)
-            tables.append(seq.block_table)
+            fwd.add(seq, start, seq.token_ids[start + 1 : start + n + 1])  # x_{t+1} beside h_t
             live.append(seq)
         self._last = []
         if not live:
             return
         hidden = self._hidden[torch.tensor(rows, device=r.device)]
-        meta = build_metadata(qlens, clens, tables, r.block_size, r.device)
-        with forward_context(meta):
-            g = model.mtp_forward(
-                torch.tensor(ids, dtype=torch.long, device=r.device),
-                torch.tensor(positions, dtype=torch.long, device=r.device),
-                hidden,
-            )
+        g = fwd.run(model.mtp_forward, r.block_size, r.device, hidden)
         self._hidden = None
         # Draft for sequences now waiting on one pending token, with room for k more.
-        ends = torch.tensor(qlens, device=r.device).cumsum(0) - 1
+        ends = torch.tensor(fwd.query_lens, device=r.device).cumsum(0) - 1
         drafting = []
         for i, seq in enumerate(live):
             p = seq.num_tokens - 1
@@ -261,21 +236,12 @@ class SpecDecoder:
             live_j = [(b, seq, p, k) for b, (_, seq, p, k) in enumerate(drafting) if k > j]
             if j > 0:  # chain: the MTP layer on its own output and its last draft token
                 sel = torch.tensor([b for b, *_ in live_j], device=r.device)
-                meta = build_metadata(
-                    [1] * len(live_j),
-                    [p + j for _, _, p, _ in live_j],
-                    [seq.block_table for _, seq, _, _ in live_j],
-                    r.block_size,
-                    r.device,
-                )
-                toks = [drafts[seq.seq_id].tokens[-1] for _, seq, _, _ in live_j]
-                with forward_context(meta):
-                    out = model.mtp_forward(
-                        torch.tensor(toks, dtype=torch.long, device=r.device),
-                        torch.tensor([p + j - 1 for _, _, p, _ in live_j], device=r.device),
-                        g[sel],
-                        depth=min(j, model.num_mtp_layers - 1),
-                    )
+                chain = ForwardBatch()
+                for _, seq, p, _ in live_j:
+                    chain.add(seq, p + j - 1, drafts[seq.seq_id].tokens[-1:])
+                depth = min(j, model.num_mtp_layers - 1)
+                forward = functools.partial(model.mtp_forward, depth=depth)
+                out = chain.run(forward, r.block_size, r.device, g[sel])
                 g = g.index_copy(0, sel, out)
             logits = model.compute_logits(g[torch.tensor([b for b, *_ in live_j])])
             for row, (_, seq, _, _) in enumerate(live_j):
