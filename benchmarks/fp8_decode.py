@@ -154,22 +154,33 @@ def main() -> None:
     base = statistics.median(x["decode_tok_s"] for x in results["bf16"]) if "bf16" in results else 0
     for v, runs in results.items():
         tok_s = statistics.median(x["decode_tok_s"] for x in runs)
+        # Each round's ratio to the bf16 run just before it: a shared machine's memory bandwidth
+        # drifts over minutes, and a ratio within a round sees the same drift on both sides.
+        paired = None
+        if "bf16" in results:
+            pairs = zip(runs, results["bf16"], strict=True)
+            paired = statistics.median(x["decode_tok_s"] / b["decode_tok_s"] for x, b in pairs)
         rows.append(
             {
                 "variant": v,
                 "decode_tok_s": tok_s,
                 "decode_tok_s_runs": [x["decode_tok_s"] for x in runs],
                 "vs_bf16": tok_s / base if base else None,
+                "vs_bf16_paired": paired,
                 "rss_mib": statistics.median(x["rss_mib"] for x in runs),
                 "weight_mib_per_token": runs[0]["weight_bytes_per_token"] / 2**20,
             }
         )
     print()
-    print("| weights | decode b=1 tok/s | vs bf16 | MiB read per token | RSS after load MiB |")
-    print("|---|---|---|---|---|")
+    print(
+        "| weights | decode b=1 tok/s | vs bf16 | vs bf16, median of rounds | MiB read per token"
+        " | RSS after load MiB |"
+    )
+    print("|---|---|---|---|---|---|")
     for row in rows:
+        paired = f"{row['vs_bf16_paired']:.2f}x" if row["vs_bf16_paired"] else "-"
         print(
-            f"| {row['variant']} | {row['decode_tok_s']:.1f} | {row['vs_bf16']:.2f}x | "
+            f"| {row['variant']} | {row['decode_tok_s']:.1f} | {row['vs_bf16']:.2f}x | {paired} | "
             f"{row['weight_mib_per_token']:.0f} | {row['rss_mib']:.0f} |"
         )
     if args.json:
