@@ -43,6 +43,12 @@ def make_seq(
     return seq
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "torch"])
+def make_sampler(request):
+    """The compiled sampler (where it builds) and the torch path it falls back to."""
+    return lambda **kw: Sampler(compiled=request.param, **kw)
+
+
 def random_logits(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 3
 
@@ -56,9 +62,9 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_greedy_is_argmax():
+def test_greedy_is_argmax(make_sampler):
     logits = random_logits(6)
-    tokens, logprobs = Sampler()(logits.clone(), [make_seq(temperature=0) for _ in range(6)])
+    tokens, logprobs = make_sampler()(logits.clone(), [make_seq(temperature=0) for _ in range(6)])
     assert tokens == logits.argmax(dim=-1).tolist()
     assert logprobs == [None] * 6
 
@@ -66,13 +72,13 @@ def test_greedy_is_argmax():
 @pytest.mark.parametrize(
     "truncation", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "top_p": 0.5, "min_p": 0.2}]
 )
-def test_truncation_to_one_token_equals_greedy(truncation):
+def test_truncation_to_one_token_equals_greedy(truncation, make_sampler):
     logits = random_logits(16, seed=1)
     greedy = logits.argmax(dim=-1).tolist()
     torch.manual_seed(0)
     for temperature in (0.7, 1.0, 5.0):  # a high temperature would spread a miss around
         seqs = [make_seq(temperature=temperature, **truncation) for _ in range(16)]
-        tokens, _ = Sampler()(logits.clone(), seqs)
+        tokens, _ = make_sampler()(logits.clone(), seqs)
         assert tokens == greedy
 
 
@@ -96,7 +102,7 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert kept == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
 
 
-def test_min_p_masks_tokens_below_a_fraction_of_the_top_probability():
+def test_min_p_masks_tokens_below_a_fraction_of_the_top_probability(make_sampler):
     probs = torch.tensor([0.5, 0.3, 0.12, 0.08])
     logits = probs.log()[None].repeat(2000, 1)
     seqs = [make_seq(min_p=0.25) for _ in range(2000)]  # threshold 0.125
@@ -104,19 +110,19 @@ def test_min_p_masks_tokens_below_a_fraction_of_the_top_probability():
     assert torch.isfinite(masked[0]).tolist() == [True, True, False, False]
 
     torch.manual_seed(0)
-    tokens, _ = Sampler()(logits, seqs)
+    tokens, _ = make_sampler()(logits, seqs)
     counts = counts_of(tokens, 4)
     assert counts[2] == counts[3] == 0
     assert chi_square(counts[:2], torch.tensor([0.5, 0.3]) / 0.8) < 10.83  # df 1, p 0.001
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_temperature_sampling_follows_the_tempered_distribution(temperature):
+def test_temperature_sampling_follows_the_tempered_distribution(temperature, make_sampler):
     base = torch.tensor([0.5, 0.25, 0.15, 0.1])
     draws = 20_000
     logits = base.log()[None].repeat(draws, 1)
     torch.manual_seed(1)
-    tokens, _ = Sampler()(logits, [make_seq(temperature=temperature) for _ in range(draws)])
+    tokens, _ = make_sampler()(logits, [make_seq(temperature=temperature) for _ in range(draws)])
     counts = counts_of(tokens, 4)
     tempered = base ** (1 / temperature)
     tempered /= tempered.sum()
@@ -125,12 +131,12 @@ def test_temperature_sampling_follows_the_tempered_distribution(temperature):
         assert chi_square(counts, base) > 10 * CHI2_CRIT_DF3
 
 
-def test_seeded_draws_are_reproducible():
+def test_seeded_draws_are_reproducible(make_sampler):
     logits = torch.zeros(1, V)  # uniform: every draw is all noise
 
     def draws(seed: int) -> list[int]:
         seq = make_seq(seed=seed)  # one sequence: its stream advances from draw to draw
-        return [Sampler()(logits.clone(), [seq])[0][0] for _ in range(30)]
+        return [make_sampler()(logits.clone(), [seq])[0][0] for _ in range(30)]
 
     a = draws(7)
     assert draws(7) == a
@@ -138,7 +144,7 @@ def test_seeded_draws_are_reproducible():
     assert len(set(a)) > 10
 
 
-def test_seeded_row_does_not_depend_on_its_batch():
+def test_seeded_row_does_not_depend_on_its_batch(make_sampler):
     logits = random_logits(1, seed=3)[0] / 3  # a spread-out distribution
 
     def draws(companions: int, position: int) -> list[int]:
@@ -152,7 +158,7 @@ def test_seeded_row_does_not_depend_on_its_batch():
         rows[position] = logits
         out = []
         for _ in range(20):
-            out.append(Sampler()(rows.clone(), batch)[0][position])
+            out.append(make_sampler()(rows.clone(), batch)[0][position])
         return out
 
     alone = draws(0, 0)
@@ -179,16 +185,16 @@ def test_presence_and_frequency_penalties_count_output_tokens_only():
     assert out[0].tolist() == pytest.approx(expected)
 
 
-def test_penalties_apply_per_row_and_change_the_greedy_choice():
+def test_penalties_apply_per_row_and_change_the_greedy_choice(make_sampler):
     logits = torch.tensor([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0]])
     penalized = make_seq(prompt=[9], output=[0], temperature=0, frequency_penalty=2.0)
     plain = make_seq(prompt=[9], output=[0], temperature=0)
-    tokens, _ = Sampler()(logits.clone(), [penalized, plain])
+    tokens, _ = make_sampler()(logits.clone(), [penalized, plain])
     assert tokens == [1, 0]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_logprobs_are_log_softmax_with_a_sorted_top_k(temperature):
+def test_logprobs_are_log_softmax_with_a_sorted_top_k(temperature, make_sampler):
     logits = random_logits(4, seed=5)
     seqs = [
         make_seq(temperature=temperature, logprobs=5, seed=1),
@@ -196,7 +202,7 @@ def test_logprobs_are_log_softmax_with_a_sorted_top_k(temperature):
         make_seq(temperature=temperature, seed=3),
         make_seq(temperature=temperature, logprobs=20, seed=4),
     ]
-    tokens, logprobs = Sampler()(logits.clone(), seqs)
+    tokens, logprobs = make_sampler()(logits.clone(), seqs)
     reference = logits.log_softmax(dim=-1)
     assert logprobs[2] is None
     for row, k in ((0, 5), (1, 0), (3, 20)):
@@ -253,12 +259,12 @@ def test_candidate_path_keeps_the_reference_set_and_probabilities(seed):
         assert torch.allclose(got.softmax(-1), reference[row].softmax(-1), atol=1e-6)
 
 
-def test_candidate_sampling_follows_the_truncated_distribution():
+def test_candidate_sampling_follows_the_truncated_distribution(make_sampler):
     base = torch.tensor([0.4, 0.25, 0.15, 0.1, *[0.1 / 60] * 60])
     draws = 20_000
     logits = base.log()[None].repeat(draws, 1)
     torch.manual_seed(2)
-    tokens, _ = Sampler(candidates=8)(logits, [make_seq(top_p=0.8) for _ in range(draws)])
+    tokens, _ = make_sampler(candidates=8)(logits, [make_seq(top_p=0.8) for _ in range(draws)])
     counts = counts_of(tokens, V)
     assert counts[4:].sum() == 0  # the nucleus is the first four tokens (0.9 >= 0.8 at rank 4)
     kept = base[:4] / base[:4].sum()
@@ -273,7 +279,9 @@ def test_seeded_row_on_the_candidate_path_does_not_depend_on_its_batch():
         batch = [seeded, *(make_seq(top_k=i % 3, temperature=1.2) for i in range(companions))]
         rows = peaked_logits(len(batch), seed=10)
         rows[0] = logits
-        return [Sampler(candidates=16)(rows.clone(), batch)[0][0] for _ in range(20)]
+        return [
+            Sampler(candidates=16, compiled=False)(rows.clone(), batch)[0][0] for _ in range(20)
+        ]
 
     alone = draws(0)
     assert len(set(alone)) > 2

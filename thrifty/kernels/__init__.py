@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -228,6 +229,107 @@ def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax of float32 (B, V) logits (first index on ties), as torch.argmax(-1)."""
     return _cpu_ops().argmax_rows(logits)
+
+
+@functools.cache
+def _sampling_ops() -> ModuleType | None:
+    try:
+        return _build(
+            "thrifty_sampling", Path(__file__).parent / "csrc" / "sampling.cpp", _ATTENTION_CFLAGS
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: the torch sampler
+        logger.debug("sampling kernel: build failed, using torch: %s", e)
+        return None
+
+
+def sampling_available() -> bool:
+    """Whether the compiled sampler (csrc/sampling.cpp) is loaded (built on first call)."""
+    return _sampling_ops() is not None
+
+
+# Tokens whose tempered probability is at least this are the ones the sampling kernel sorts
+# first; a row whose top-k or top-p set reaches below them is decided again with more.
+SAMPLING_MIN_PROB = 2.0**-12
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    tokens: torch.Tensor  # (B,) int64
+    lse: torch.Tensor  # (B,) float32 logsumexp of each row at temperature 1 (logprob = x - lse)
+    top_ids: torch.Tensor  # (B, K) int64, K = the most logprobs a row asked for
+    top_logprobs: torch.Tensor  # (B, K) float32, descending; -inf past a row's own count
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    greedy: torch.Tensor,
+    uniform: torch.Tensor,
+    num_logprobs: torch.Tensor,
+    min_prob: float = SAMPLING_MIN_PROB,
+) -> SampledRows:
+    """One token per row of float32 (B, V) logits (csrc/sampling.cpp), each row with its own
+    temperature, top-k (V: off), top-p, min-p (0: off), greedy flag, uniform draw in [0, 1) and
+    number of top logprobs (-1: none). Held to `reference_sample_rows`."""
+    return SampledRows(
+        *_sampling_ops().sample_rows(
+            logits, temperature, top_k, top_p, min_p, greedy, uniform, num_logprobs, min_prob
+        )
+    )
+
+
+def reference_sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    greedy: torch.Tensor,
+    uniform: torch.Tensor,
+    num_logprobs: torch.Tensor,
+) -> SampledRows:
+    """The kernel's contract in float64 torch, a row at a time, over the whole vocabulary: the
+    kept set of top_k_top_p_min_p (min-p, top-k, then top-p renormalized over what they left),
+    drawn by inverse CDF with the row's uniform over the kept tokens in descending order (ties:
+    lower id first), or in id order where neither top-k nor top-p truncates the row."""
+    batch, vocab = logits.shape
+    k_max = max(int(num_logprobs.max()), 0) if batch else 0
+    tokens = torch.empty(batch, dtype=torch.long)
+    top_ids = torch.zeros(batch, k_max, dtype=torch.long)
+    top_lp = torch.full((batch, k_max), float("-inf"))
+    lse = logits.double().logsumexp(dim=-1)
+    for b in range(batch):
+        x = logits[b].double()
+        k = min(int(num_logprobs[b]), vocab)
+        if k > 0:  # ties: the lower id first
+            values, ids = x.sort(descending=True, stable=True)
+            values, ids = values[:k], ids[:k]
+            top_ids[b, :k], top_lp[b, :k] = ids, (values - lse[b]).float()
+        if greedy[b]:
+            tokens[b] = int(x.argmax())
+            continue
+        p = ((x - x.max()) / float(temperature[b])).exp()
+        keep = p >= float(min_p[b]) if float(min_p[b]) > 0 else torch.ones_like(p, dtype=torch.bool)
+        truncated = int(top_k[b]) < vocab or float(top_p[b]) < 1
+        if not truncated:
+            order = torch.arange(vocab)[keep]
+        else:
+            order = torch.tensor(sorted(range(vocab), key=lambda i: (-float(x[i]), i)))
+            order = order[keep[order]][: int(top_k[b])]
+            mass = p[order] / p[order].sum()
+            before = mass.cumsum(0) - mass
+            order = order[before < float(top_p[b])]
+        cdf = p[order].cumsum(0)
+        tokens[b] = order[
+            min(
+                int(torch.searchsorted(cdf, float(uniform[b]) * cdf[-1], right=True)),
+                len(order) - 1,
+            )
+        ]
+    return SampledRows(tokens, lse.float(), top_ids, top_lp)
 
 
 # Packed weights: W (N, K) -> panels of 16 output rows, each column (for bf16, each pair of
