@@ -1,9 +1,8 @@
-"""One sampling step of a large batch: the sorting reference path against the candidate path.
-
-Rows sampled with top-p (or top-k) take a partial top-k of `candidates` tokens and sample among
-them whenever that is exact (thrifty/engine/sampler.py); `--candidates` equal to the vocabulary
-forces the old full sort. Logits are random with a peaked head (as a model's are), each row with
-its own seed, as `thrifty eval` and the server's seeded requests run. Median over rounds.
+"""One sampling step of a large batch: the torch paths (a full sort; a partial top-k of 1024
+candidates) against the compiled sampler (csrc/sampling.cpp), without and with the top-5
+logprobs that `thrifty eval` records for DeepConf. Logits are random with a peaked head (as a
+model's are), each row with its own seed, as `thrifty eval` and the server's seeded requests
+run. Median over rounds.
 
     python benchmarks/sampler.py                    # batch 16/64/128, Qwen's and SmolLM2's vocab
 """
@@ -16,6 +15,7 @@ import time
 
 import torch
 
+from thrifty import kernels
 from thrifty.engine.sampler import Sampler
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.sequence import Sequence
@@ -53,21 +53,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if not kernels.sampling_available():
+        raise SystemExit("error: the compiled sampler did not build here")
     print(f"threads {args.threads}, temperature 0.7, top-p 0.95, a seed per row")
-    print("| vocab | batch | sort ms | candidates ms | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| vocab | batch | logprobs | sort ms | candidates ms | compiled ms | vs candidates |")
+    print("|---|---|---|---|---|---|---|")
     for name, vocab in VOCABS.items():
         for batch in args.batches:
             g = torch.Generator().manual_seed(batch)
             logits = torch.randn(batch, vocab, generator=g) * 2
             logits[:, torch.randperm(vocab, generator=g)[:50]] += 12
-            rows = seqs(batch, temperature=0.7, top_p=0.95)
-            full = time_step(Sampler(candidates=vocab), logits, rows, args.rounds)
-            fast = time_step(Sampler(), logits, rows, args.rounds)
-            print(
-                f"| {name} {vocab} | {batch} | {1e3 * full:.0f} | {1e3 * fast:.0f} |"
-                f" {full / fast:.1f}x |"
-            )
+            for logprobs in (None, 5):
+                rows = seqs(batch, temperature=0.7, top_p=0.95, logprobs=logprobs)
+                full = time_step(
+                    Sampler(candidates=vocab, compiled=False), logits, rows, args.rounds
+                )
+                fast = time_step(Sampler(compiled=False), logits, rows, args.rounds)
+                compiled = time_step(Sampler(), logits, rows, args.rounds)
+                print(
+                    f"| {name} {vocab} | {batch} | {logprobs or '-'} | {1e3 * full:.0f} |"
+                    f" {1e3 * fast:.0f} | {1e3 * compiled:.1f} | {fast / compiled:.0f}x |"
+                )
 
 
 if __name__ == "__main__":
