@@ -2,18 +2,18 @@
 // full-vocabulary torch ops (temperature, top-k/top-p, softmax, noise, argmax, log-softmax).
 //
 // Pass 1: the row's maximum m, its first position, and Z1 = sum e^(x - m) (for logprobs) and
-// ZT = sum e^((x - m) / T) (the tempered distribution). Pass 2 collects the tokens whose tempered
-// probability is at least `min_prob` (or, with min-p, every token that survives it) into a heap
-// and takes from it, largest first, only as many as the kept set needs. The row's kept set follows the reference (thrifty.engine.sampler.top_k_top_p_min_p):
-// min-p on the tempered probabilities, then top-k, then the smallest prefix whose mass, in the
-// distribution renormalized over what min-p and top-k left, reaches top-p. The token is drawn by
-// inverse CDF with the row's uniform u: kept tokens in descending order (ties: lower id first),
-// or, where neither top-k nor top-p truncates the row, every token min-p keeps in id order.
+// ZT = sum e^((x - m) / T) (the tempered distribution). Pass 2 collects the tokens whose
+// tempered probability is at least `min_prob` (or, with min-p, every token that survives it)
+// into a heap and takes from it, largest first, only as many as the kept set needs.
 //
+// The kept set is the reference's (thrifty.engine.sampler.top_k_top_p_min_p): min-p on the
+// tempered probabilities, then top-k, then the smallest prefix whose mass, in the distribution
+// renormalized over what min-p and top-k left, reaches top-p. The token is drawn by inverse CDF
+// with the row's uniform u: over the kept tokens in descending order (ties: lower id first),
+// or, where neither top-k nor top-p truncates the row, over every token min-p keeps in id order.
 // A row whose kept set reaches below the collected tokens (a nucleus in a flat tail, or top-k
-// asking for more tokens) is decided again over the whole row, still taking from a heap only as
-// far as needed.
-// Top logprobs come from one more pass, for the rows that ask for them.
+// asking for more tokens) is decided again with a 64x lower bound, then over the whole row.
+// Top logprobs come from one more pass (mostly a compare per 16 tokens), where asked for.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
