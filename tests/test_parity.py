@@ -158,3 +158,16 @@ def test_chunked_prefill_then_decode_matches_transformers(pair, prompts):
         for row, i in enumerate(live):
             torch.testing.assert_close(logits[row], want[i][pos[i]], atol=1e-4, rtol=0)
             pos[i] += 1
+
+
+def test_step_mixing_decode_and_prompt_chunks_matches_transformers(pair, prompts):
+    # Continuous batching: sequences decoding one token share a step with another's prompt
+    # chunk. They attend in two parts, so the decoding ones are not padded to the chunk.
+    hf, model = pair
+    want = _reference(hf, prompts)
+    first, second = [4, 2, 6], [5, 9, 7]  # then: decode, a chunk of 7, decode
+    assert build_metadata([1, 7, 1], second, _tables(), BLOCK).parts
+    for starts, ends in (([0, 0, 0], first), (first, second)):
+        got = _forward(model, prompts, starts, ends)
+        for g, w, s, e in zip(got, want, starts, ends, strict=True):
+            torch.testing.assert_close(g, w[s:e], atol=1e-4, rtol=0)

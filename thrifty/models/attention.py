@@ -38,6 +38,9 @@ class AttentionMetadata:
     # Decode on the CPU with the compiled kernel: it reads the cache through these directly.
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
     context_lens: torch.Tensor | None = None  # (B,) int64
+    # A step that mixes decoding sequences with prompt chunks attends in two parts, so that the
+    # decoding ones are not padded to the chunk's length: (rows of q, their own layout) each.
+    parts: tuple[tuple[torch.Tensor, AttentionMetadata], ...] = ()
 
 
 _context: ContextVar[AttentionMetadata | None] = ContextVar("thrifty_attention", default=None)
@@ -100,6 +103,9 @@ def build_metadata(
             query_index = None
     to = torch.device(device)
     decode_kernel = tq == 1 and to.type == "cpu" and kernels.cpu_ops_available()
+    parts = ()
+    if tq > 1 and min(query_lens) == 1:
+        parts = tuple(_split(query_lens, context_lens, block_tables, block_size, to))
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(to),
         key_slots=key_slots.to(to),
@@ -110,7 +116,30 @@ def build_metadata(
         causal=causal,
         block_tables=blocks if decode_kernel else None,
         context_lens=ctx if decode_kernel else None,
+        parts=parts,
     )
+
+
+def _split(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, AttentionMetadata]]:
+    """The decoding sequences (one query each) and the prompt chunks, each with its q rows."""
+    starts = torch.tensor([0, *query_lens]).cumsum(0).tolist()
+    for decoding in (True, False):
+        seqs = [i for i, n in enumerate(query_lens) if (n == 1) == decoding]
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs])
+        meta = build_metadata(
+            [query_lens[i] for i in seqs],
+            [context_lens[i] for i in seqs],
+            [block_tables[i] for i in seqs],
+            block_size,
+            device,
+        )
+        yield rows.to(device), meta
 
 
 def paged_attention(
@@ -134,10 +163,29 @@ def paged_attention(
     else:
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
+    if meta.parts:
+        out = q.new_empty(n, h * d)
+        for rows, part in meta.parts:
+            out[rows] = _attend(q[rows], k_cache, v_cache, part, scale)
+        return out
+    return _attend(q, k_cache, v_cache, meta, scale)
+
+
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the new tokens q (N, H, D) to their sequences' cached keys and values."""
+    _, h, d = q.shape
+    hkv = k_cache.shape[2]
     if meta.block_tables is not None and q.dtype in (torch.float32, torch.bfloat16):
         return kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
         )
+    k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     keys = k_flat[meta.key_slots].transpose(1, 2)  # (B, Hkv, Tk, D)
     values = v_flat[meta.key_slots].transpose(1, 2)
     b, tq = meta.batch_size, meta.max_query_len
