@@ -3,8 +3,6 @@ for the same uniform draw, for rows mixing every truncation, ties, flat tails an
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -101,13 +99,7 @@ def test_reference_keeps_the_sampler_set(seed):
         for b in range(32)
     ]
     t = SamplingTensors.build(seqs, 500, logits.device)
-    scaled = logits / t.temperature
-    if t.min_p is not None:
-        probs = scaled.softmax(-1)
-        scaled = scaled.masked_fill(
-            probs < t.min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf")
-        )
-    masked = top_k_top_p_min_p(scaled, replace(t, min_p=None))
+    masked = top_k_top_p_min_p(logits / t.temperature, t)  # min-p on the tempered probs
     kept = torch.isfinite(masked)
     # Inverse CDF at u = 0.005, 0.015, ..., 0.995 lands on every token of probability over 0.01.
     likely = masked.softmax(-1) > 0.011

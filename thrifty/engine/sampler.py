@@ -4,7 +4,8 @@ Each row carries its own parameters. On the CPU the whole step runs in the compi
 (kernels.sample_rows, csrc/sampling.cpp): two passes over each row find its maximum and
 normalizers, collect the few tokens that can matter and draw by inverse CDF with a uniform from
 the row's own generator where it is seeded; top logprobs come from the same kernel. At batch 128
-with Qwen's 152k vocabulary that is about 7 ms a step where the torch ops below take 100-190.
+with Qwen's 152k vocabulary that is 10-12 ms a step where the torch path below takes 130-210
+(benchmarks/sampler.py).
 
 The torch path (other devices, penalties, or where the kernel cannot build) is the reference it
 is held to. Greedy rows short-circuit to argmax. Sampling uses the exponential race (argmax of
@@ -219,18 +220,19 @@ def _sample_compiled(
     A seeded row draws its uniform from its own generator, so its token does not depend on the
     batch around it."""
     ps = [s.params for s in seqs]
-    vocab = logits.shape[1]
-    uniform = torch.rand(len(seqs), dtype=torch.float64)
+    batch, vocab = logits.shape
+    t = SamplingTensors.build(seqs, vocab, logits.device)
+    uniform = torch.rand(batch, dtype=torch.float64)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
             uniform[row] = torch.rand((), dtype=torch.float64, generator=seq.generator)
     rows = kernels.sample_rows(
         logits,
-        torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps]),
-        torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in ps]),
-        torch.tensor([p.top_p for p in ps]),
-        torch.tensor([p.min_p for p in ps]),
-        torch.tensor([p.greedy for p in ps]),
+        t.temperature[:, 0],
+        t.top_k if t.top_k is not None else torch.full((batch,), vocab),
+        t.top_p if t.top_p is not None else torch.ones(batch),
+        t.min_p if t.min_p is not None else torch.zeros(batch),
+        t.greedy,
         uniform,
         torch.tensor([-1 if p.logprobs is None else p.logprobs for p in ps]),
     )
