@@ -1,11 +1,12 @@
-"""Adaptive-consistency stopping rules replayed on a recorded `thrifty eval` sweep.
+"""Adaptive-consistency stopping rules and DeepConf settings replayed on a recorded sweep.
 
 `thrifty eval` keeps every sample its largest self-consistency run drew (answer and length, in
-draw order: `per_problem[i]["drawn"]`). Samples of one prompt are independent, so any stopping
-rule can be replayed on them offline, exactly as the online job would decide
-(thrifty.tts.replay.adaptive). This sweeps the rule (Beta, Dirichlet), the confidence and the
-wave size, and prints accuracy and samples per problem against self-consistency at the same
-budget. No model runs; a sweep takes seconds.
+draw order: `per_problem[i]["drawn"]`; with `--save-confidences`, each token's confidence too).
+Samples of one prompt are independent, so any stopping rule can be replayed on them offline,
+exactly as the online job would decide (thrifty.tts.replay). This sweeps adaptive consistency's
+rule (Beta, Dirichlet, predictive), wave size and confidence, and, where confidences were kept,
+DeepConf's window, warm-up, keep share and consensus stop, printing accuracy, samples and tokens
+per problem beside self-consistency. No model runs; a sweep takes seconds to minutes.
 
     python benchmarks/tts_stopping.py benchmarks/results/tts_basic_arithmetic_qwen05b_200.json
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.equivalence import equivalent
 from thrifty.tts.replay import Sample, replay
+from thrifty.tts.voting import STOPPING_RULES
 
 
 def load(path: Path) -> tuple[list[str], list[list[Sample]], int]:
@@ -29,15 +31,26 @@ def load(path: Path) -> tuple[list[str], list[list[Sample]], int]:
     if row is None:
         raise SystemExit(f"{path}: no row with drawn samples (rerun `thrifty eval`)")
     gold = [p["gold"] for p in row["per_problem"]]
-    samples = [[Sample(a, t) for a, t in p["drawn"]] for p in row["per_problem"]]
+    # [answer, tokens] or, from `thrifty eval --save-confidences`, [answer, tokens, confidences]
+    samples = [
+        [Sample(d[0], d[1], tuple(d[2]) if len(d) > 2 else ()) for d in p["drawn"]]
+        for p in row["per_problem"]
+    ]
     return gold, samples, row["n"]
 
 
-def score(gold: list[str], samples: list[list[Sample]], config: TTSConfig) -> tuple[float, float]:
-    """Accuracy and mean samples per problem of `config` replayed on every problem."""
+def score(
+    gold: list[str], samples: list[list[Sample]], config: TTSConfig
+) -> tuple[float, float, float]:
+    """Accuracy, mean samples and mean tokens per problem of `config` replayed on every problem."""
     results = [replay(s, config) for s in samples]
     correct = sum(equivalent(r["answer"], g) for r, g in zip(results, gold, strict=True))
-    return correct / len(gold), sum(r["num_samples"] for r in results) / len(gold)
+    mean = lambda key: sum(r[key] for r in results) / len(gold)  # noqa: E731
+    return correct / len(gold), mean("num_samples"), mean("tokens")
+
+
+def floats(text: str) -> list[float | None]:
+    return [None if x == "none" else float(x) for x in text.split(",")]
 
 
 def main() -> None:
@@ -45,25 +58,55 @@ def main() -> None:
     ap.add_argument("results", type=Path, help="a `thrifty eval` JSON")
     ap.add_argument("--confidences", default="0.6,0.7,0.8,0.9,0.95")
     ap.add_argument("--waves", default="1,2,4")
+    ap.add_argument("--rules", default=",".join(STOPPING_RULES))
+    ap.add_argument("--windows", default="16,32,64", help="DeepConf windows")
+    ap.add_argument("--warmups", default="4,8", help="DeepConf warm-up traces")
+    ap.add_argument("--keeps", default="0.5,0.9", help="DeepConf keep shares")
+    ap.add_argument("--consensus", default="0.8,0.9,0.95,none", help="DeepConf consensus stops")
     args = ap.parse_args()
     gold, samples, n = load(args.results)
     base = TTSConfig(n=n)
     print(f"{args.results.name}: {len(gold)} problems, {n} samples each\n")
-    print("| rule | wave | confidence | accuracy | samples / problem |")
-    print("|---|---|---|---|---|")
+    print("| strategy | rule | wave | confidence | accuracy | samples | tokens |")
+    print("|---|---|---|---|---|---|---|")
     for k in sorted({1, 2, 4, 8, n}):
         if k <= n:
             cfg = dataclasses.replace(base, strategy="self-consistency", n=k)
-            acc, used = score(gold, samples, cfg)
-            print(f"| self-consistency@{k} | | | {100 * acc:.1f}% | {used:.2f} |")
-    for rule in ("beta", "dirichlet"):
+            acc, used, tokens = score(gold, samples, cfg)
+            print(f"| self-consistency@{k} | | | | {100 * acc:.1f}% | {used:.2f} | {tokens:.0f} |")
+    for rule in args.rules.split(","):
         for wave in (int(w) for w in args.waves.split(",")):
-            for c in (float(c) for c in args.confidences.split(",")):
+            for c in floats(args.confidences):
                 cfg = dataclasses.replace(
                     base, strategy="adaptive", stopping_rule=rule, wave=wave, confidence=c
                 )
-                acc, used = score(gold, samples, cfg)
-                print(f"| {rule} | {wave} | {c:g} | {100 * acc:.1f}% | {used:.2f} |")
+                acc, used, tokens = score(gold, samples, cfg)
+                print(
+                    f"| adaptive | {rule} | {wave} | {c:g} | {100 * acc:.1f}% | {used:.2f} "
+                    f"| {tokens:.0f} |"
+                )
+    if not samples[0][0].token_confidences:
+        print("\n(no token confidences recorded: rerun with --save-confidences for DeepConf)")
+        return
+    print("\n| window | warm-up | keep | consensus | accuracy | traces | tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for window in (int(w) for w in args.windows.split(",")):
+        for warmup in (int(w) for w in args.warmups.split(",")):
+            for keep in floats(args.keeps):
+                for consensus in floats(args.consensus):
+                    cfg = dataclasses.replace(
+                        base,
+                        strategy="deepconf",
+                        window=window,
+                        warmup=warmup,
+                        keep=keep,
+                        consensus=consensus,
+                    )
+                    acc, used, tokens = score(gold, samples, cfg)
+                    print(
+                        f"| {window} | {warmup} | {keep:g} | {consensus} | {100 * acc:.1f}% "
+                        f"| {used:.2f} | {tokens:.0f} |"
+                    )
 
 
 if __name__ == "__main__":

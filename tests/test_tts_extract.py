@@ -13,7 +13,14 @@ from thrifty.tts import canonical, equivalent, extract_answer
 from thrifty.tts.confidence import group_confidences, threshold_from_warmup, trace_confidence
 from thrifty.tts.equivalence import latex_to_sympy
 from thrifty.tts.extract import boxed, to_number
-from thrifty.tts.voting import beta_confidence, dirichlet_confidence, tally, vote_confidence
+from thrifty.tts.voting import (
+    beta_confidence,
+    dirichlet_confidence,
+    predictive_confidence,
+    settled,
+    tally,
+    vote_confidence,
+)
 
 
 @pytest.mark.parametrize(
@@ -170,6 +177,56 @@ def test_beta_stopping_rule_matches_the_beta_distribution():
     assert dirichlet_confidence([3, 3, 3]) < 0.5
     votes = tally(["1", "1", "1", "1", "2"])
     assert vote_confidence(votes) == beta_confidence(4, 1)
+
+
+def exact_predictive(counts: list[int], firsts: list[int], abstained: int, remaining: int):
+    """P(answer 0 wins after `remaining` Polya-urn draws, concentration 1), by enumerating every
+    path: the reference for predictive_confidence's Monte Carlo."""
+    if remaining == 0:
+        best = max(counts)
+        winner = min(f for c, f in zip(counts, firsts, strict=True) if c == best)
+        return Fraction(winner == firsts[0])
+    total = sum(counts) + abstained + 1
+    p = Fraction(abstained, total) * exact_predictive(counts, firsts, abstained, remaining - 1)
+    for i, c in enumerate(counts):
+        more = [*counts[:i], c + 1, *counts[i + 1 :]]
+        p += Fraction(c, total) * exact_predictive(more, firsts, abstained, remaining - 1)
+    new = exact_predictive([*counts, 1], [*firsts, 10**9 + len(firsts)], abstained, remaining - 1)
+    return p + Fraction(1, total) * new
+
+
+@pytest.mark.parametrize(
+    "answers, remaining",
+    [
+        (["42", "7"], 1),  # 7 or a new answer ties 42, which came first: 2/3
+        (["7", "42", "42"], 3),  # 42 leads, but 7 wins a tie
+        (["42", "42", "7", None], 4),  # an abstention dilutes the urn and never wins
+        (["42"], 5),
+        (["42", "7", "9", "42", None, None], 4),
+    ],
+)
+def test_predictive_rule_matches_the_exact_polya_urn(answers, remaining):
+    votes = tally(answers)
+    abstained = answers.count(None)
+    counts, firsts = [v.count for v in votes], [v.first for v in votes]
+    exact = float(exact_predictive(counts, firsts, abstained, remaining))
+    estimate = predictive_confidence(votes, remaining, abstained, samples=20_000)
+    assert estimate == pytest.approx(exact, abs=0.015)  # 4 standard errors at most
+    assert vote_confidence(votes, "predictive", remaining, abstained) == predictive_confidence(
+        votes, remaining, abstained
+    )
+
+
+def test_predictive_rule_is_certain_exactly_when_the_vote_is_settled():
+    for answers in (["42"] * 5, ["42", "7", "42", "42", "42"], ["7", "42", "42", "42"]):
+        votes = tally(answers)
+        for remaining in range(6):
+            sure = predictive_confidence(votes, remaining) == 1.0
+            assert sure == settled(votes, remaining), (answers, remaining)
+    assert predictive_confidence([], 3) == 0.0
+    # unanimity is worth more the fewer samples are left to draw
+    votes = tally(["42"] * 3)
+    assert predictive_confidence(votes, 13) < predictive_confidence(votes, 5) < 1.0
 
 
 def test_trace_confidence_windows():

@@ -25,9 +25,12 @@ PROBLEMS = [Problem("Q1 x", "42"), Problem("Q2 x", "9"), Problem("Q3 x", "42")]
 COMPARED = ("accuracy", "tokens", "samples_per_problem", "stopped_early")
 
 
-@pytest.mark.parametrize(("window", "consensus"), [(2, 0.95), (4, 0.95), (4, 0.6), (2, None)])
-def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window, consensus):
-    base = TTSConfig(window=window, wave=2, consensus=consensus)
+@pytest.mark.parametrize(
+    ("window", "consensus", "rule"),
+    [(2, 0.95, "beta"), (4, 0.95, "beta"), (4, 0.6, "dirichlet"), (2, None, "predictive")],
+)
+def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window, consensus, rule):
+    base = TTSConfig(window=window, wave=2, consensus=consensus, stopping_rule=rule)
     configs = sweep_configs(
         ["self-consistency", "adaptive", "deepconf"], [2, 8], base, [0.8, 0.95], [0.1, 0.5, 0.9]
     )
@@ -81,3 +84,17 @@ def test_eval_cli_rejects_bad_sweep_lists(capsys):
     assert "--confidences must be comma-separated numbers" in capsys.readouterr().err
     assert main(["eval", "--keeps", "0"]) == 1
     assert "keep must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_saved_confidences_replay_deepconf_as_the_sweep_did():
+    configs = sweep_configs(["self-consistency", "deepconf"], [8], TTSConfig(window=2, wave=2))
+    run = dict(progress=False, instruction="", max_num_seqs=8)
+    plain = evaluate(FakeEngine(SCRIPTS), PROBLEMS, configs, **run)
+    assert all(len(d) == 2 for d in plain[0]["per_problem"][0]["drawn"])
+    rows = evaluate(FakeEngine(SCRIPTS), PROBLEMS, configs, save_confidences=True, **run)
+    sc, dc = rows
+    for entry, result in zip(sc["per_problem"], dc["per_problem"], strict=True):
+        samples = [Sample(a, t, tuple(c)) for a, t, c in entry["drawn"]]
+        assert [len(s.token_confidences) for s in samples] == [s.tokens for s in samples]
+        again = deepconf(samples, configs[1])
+        assert (again["answer"], again["tokens"]) == (result["answer"], result["tokens"])

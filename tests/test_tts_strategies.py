@@ -247,6 +247,23 @@ def test_adaptive_dirichlet_rule():
     assert result["num_samples"] == 12
 
 
+def test_adaptive_predictive_rule_stops_once_the_budget_would_not_change_the_answer():
+    # 42 leads 6:2 after eight with eight to go. Beta and Dirichlet ask whether 42 leads in the
+    # limit and draw on to twelve; the predictive rule asks whether the remaining eight would
+    # overturn it.
+    values = ["42", "7", "42", "42", "9", "42", "42", "7", *["42", "42", "42", "7"] * 2]
+    used = {}
+    for rule in ("beta", "dirichlet", "predictive"):
+        result, _ = run({"Q1": answers(*values)}, strategy="adaptive", n=16, stopping_rule=rule)
+        used[rule] = result["num_samples"]
+        assert result["answer"] == "42"
+    assert used == {"beta": 12, "dirichlet": 12, "predictive": 8}
+    # votes this spread never convince it before the budget is spent
+    spread = answers(*["42", "7", "9"] * 6)
+    result, _ = run({"Q1": spread}, strategy="adaptive", n=12, stopping_rule="predictive")
+    assert result["num_samples"] == 12
+
+
 def test_deepconf_weighted_vote_without_early_stop():
     # Three unsure samples say 7, two sure ones say 42: confidence weights make 42 win.
     scripts = {

@@ -75,7 +75,7 @@ class ScalingOptions(_Strict):
     seed: int | None = None
     wave: int | None = None
     confidence: float | None = None
-    stopping_rule: Literal["beta", "dirichlet"] | None = None
+    stopping_rule: Literal["beta", "dirichlet", "predictive"] | None = None
     warmup: int | None = None
     keep: float | None = None
     window: int | None = None

@@ -71,6 +71,12 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
         help="run self-consistency once at the largest N and replay self-consistency@k, adaptive"
         " and deepconf on its samples (default); --no-nested runs each online",
     )
+    p.add_argument(
+        "--save-confidences",
+        action="store_true",
+        help="with --nested and deepconf: keep every drawn sample's token confidences in the"
+        " JSON, to replay other DeepConf settings offline (benchmarks/tts_stopping.py)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument(
@@ -176,6 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         nested=args.nested,
         on_rows=save,  # partial results survive an interrupted sweep
+        save_confidences=args.save_confidences,
     )
     paths = save(rows)
     print(format_table(rows))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thrifty.errors import ThriftyError
+from thrifty.tts.voting import STOPPING_RULES
 
 STRATEGIES = ("greedy", "self-consistency", "adaptive", "deepconf", "best-of-n")
 
@@ -28,7 +29,7 @@ class TTSConfig:
     # vote counts as decided
     wave: int = 2
     confidence: float = 0.95
-    stopping_rule: str = "beta"  # or "dirichlet"
+    stopping_rule: str = "beta"  # or "dirichlet", "predictive" (see tts.voting)
     # deepconf: warm-up traces, the share of them a trace must match to go on, window size,
     # and the confidence-weighted share of the leading answer at which no more traces are drawn
     # (None: draw all n)
@@ -54,7 +55,10 @@ class TTSConfig:
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.wave >= 1, "wave must be at least 1"),
             (0.5 <= self.confidence < 1, "confidence must be in [0.5, 1)"),
-            (self.stopping_rule in ("beta", "dirichlet"), "stopping_rule: beta or dirichlet"),
+            (
+                self.stopping_rule in STOPPING_RULES,
+                f"stopping_rule must be one of {', '.join(STOPPING_RULES)}",
+            ),
             (0 < self.keep <= 1, "keep must be in (0, 1]"),
             (
                 self.consensus is None or 0.5 < self.consensus <= 1,

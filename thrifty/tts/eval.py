@@ -125,9 +125,12 @@ def evaluate(
     progress: bool = True,
     instruction: str = INSTRUCTION,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+    save_confidences: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every config over every problem; one row of figures per config, in config order.
-    `on_rows` gets the rows so far after each run (to save partial results)."""
+    `on_rows` gets the rows so far after each run (to save partial results).
+    `save_confidences` keeps each drawn sample's token confidences in its row, so that DeepConf
+    settings can be replayed later without the model."""
     tok = engine.tokenizer
     prompts = [
         tok.encode(tok.apply_chat_template(p.messages(instruction)), add_special_tokens=False)
@@ -142,6 +145,7 @@ def evaluate(
         runs.remove(largest)
         runs.insert(0, largest)
     record = next((c.top_logprobs for c in derived if c.strategy == "deepconf"), None)
+    keep = int(save_confidences and record is not None)
     rows: dict[str, dict] = {}
 
     def report() -> None:
@@ -165,9 +169,13 @@ def evaluate(
         rows[label(cfg)] = _row(cfg, problems, [j.result() for j in jobs], wall)
         if cfg is largest:
             samples = [_samples(j) for j in jobs]
-            # Every sample's answer and length, in draw order, for studying other rules offline.
+            # Every sample's answer and length (and, if asked, each token's confidence), in
+            # draw order, for studying other rules offline (benchmarks/tts_stopping.py).
             for entry, drawn in zip(rows[label(cfg)]["per_problem"], samples, strict=True):
-                entry["drawn"] = [[s.answer, s.tokens] for s in drawn]
+                entry["drawn"] = [
+                    [s.answer, s.tokens, *([[round(c, 4) for c in s.token_confidences]] * keep)]
+                    for s in drawn
+                ]
             for small in derived:
                 results = [replay.replay(s, small) for s in samples]
                 rows[label(small)] = {

@@ -58,7 +58,10 @@ def adaptive(samples: list[Sample], config: TTSConfig) -> dict[str, Any]:
     while used < n:
         used += min(config.wave, n - used)
         votes = tally([s.answer for s in samples[:used]], symbolic=False)
-        if votes and vote_confidence(votes, config.stopping_rule) >= config.confidence:
+        abstained = used - sum(v.count for v in votes)
+        remaining = config.n - used
+        confidence = vote_confidence(votes, config.stopping_rule, remaining, abstained)
+        if votes and confidence >= config.confidence:
             break
         if settled(votes, config.n - used):  # the budget the online job has
             break

@@ -161,7 +161,11 @@ class Job:
             # answers exactly and numerically, never waiting on sympy; the final vote merges
             # symbolically equal answers.
             votes = tally([t.answer for t in self.traces], symbolic=False)
-            sure = bool(votes) and vote_confidence(votes, c.stopping_rule) >= c.confidence
+            abstained = len(self.traces) - sum(v.count for v in votes)
+            sure = (
+                bool(votes)
+                and vote_confidence(votes, c.stopping_rule, c.n - used, abstained) >= c.confidence
+            )
             if not sure and not settled(votes, c.n - used):
                 self._launch(min(c.wave, c.n - used))
                 return

@@ -16,6 +16,8 @@ from thrifty.errors import ThriftyError
 from thrifty.tts.equivalence import equivalent
 from thrifty.tts.extract import canonical, to_number
 
+STOPPING_RULES = ("beta", "dirichlet", "predictive")
+
 
 @dataclass
 class Vote:
@@ -65,6 +67,53 @@ def dirichlet_confidence(counts: list[int], samples: int = 4000, seed: int = 0) 
     return float((draws.argmax(axis=1) == int(np.argmax(alpha))).mean())
 
 
+def predictive_confidence(
+    votes: list[Vote],
+    remaining: int,
+    abstained: int = 0,
+    concentration: float = 1.0,
+    samples: int = 2000,
+    seed: int = 0,
+) -> float:
+    """P(the current leader still wins once `remaining` more samples are in): the question an
+    adaptive run with a fixed budget actually asks, since stopping early loses only where the full
+    budget would have voted differently.
+
+    The next answers are drawn from the posterior predictive of a Dirichlet process over answers
+    (a Polya urn): an answer seen c times comes next with probability c / (k + concentration),
+    an answer not seen yet with probability concentration / (k + concentration), after k samples.
+    Samples that gave no answer (`abstained`) are a category that is drawn but never wins. Ties go
+    to the answer that appeared first, as in tally. Monte Carlo with a fixed seed, so the same
+    votes always give the same decision."""
+    if not votes:
+        return 0.0
+    if remaining <= 0:
+        return 1.0
+    m = len(votes)
+    width = m + 1 + remaining  # the answers seen, the abstentions, and room for new answers
+    counts = np.zeros((samples, width))
+    counts[:, :m] = [v.count for v in votes]
+    counts[:, m] = abstained
+    # order of first appearance; new answers come after every answer seen
+    first = np.concatenate([[v.first for v in votes], [np.inf], 1e9 + np.arange(remaining)])
+    rng = np.random.default_rng(seed)
+    rows = np.arange(samples)
+    new_slots = np.full(samples, m + 1)
+    for _ in range(remaining):
+        total = counts.sum(axis=1)
+        u = rng.random(samples) * (total + concentration)
+        cumulative = np.cumsum(counts, axis=1)
+        pick = (cumulative <= u[:, None]).sum(axis=1)  # == width where u falls on the new mass
+        is_new = pick >= width
+        pick[is_new] = new_slots[is_new]
+        new_slots += is_new
+        counts[rows, pick] += 1
+    counts[:, m] = -1  # abstentions never win
+    best = counts.max(axis=1, keepdims=True)
+    winner = np.where(counts == best, first, np.inf).argmin(axis=1)
+    return float((winner == 0).mean())
+
+
 def consensus(votes: list[Vote]) -> float:
     """The leading answer's share of the (weighted) votes; 0 with no votes."""
     total = sum(v.weight for v in votes)
@@ -85,11 +134,17 @@ def settled(votes: list[Vote], remaining: int) -> bool:
     return gap > remaining or (gap == remaining and lead.first < votes[1].first)
 
 
-def vote_confidence(votes: list[Vote], rule: str = "beta") -> float:
-    """How sure the current vote is that its leader would stay the leader with more samples."""
+def vote_confidence(
+    votes: list[Vote], rule: str = "beta", remaining: int = 0, abstained: int = 0
+) -> float:
+    """How sure the current vote is that its leader would stay the leader with more samples:
+    with any number of them (beta, dirichlet), or with the `remaining` samples of the budget
+    (predictive)."""
+    if rule == "predictive":
+        return predictive_confidence(votes, remaining, abstained)
     counts = [v.count for v in sorted(votes, key=lambda v: -v.count)]
     if rule == "beta":
         return beta_confidence(counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
     if rule == "dirichlet":
         return dirichlet_confidence(counts)
-    raise ThriftyError(f"unknown stopping rule {rule!r}; use 'beta' or 'dirichlet'")
+    raise ThriftyError(f"unknown stopping rule {rule!r}; use {', '.join(STOPPING_RULES)}")
