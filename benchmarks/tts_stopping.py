@@ -63,6 +63,11 @@ def main() -> None:
     ap.add_argument("--warmups", default="4,8", help="DeepConf warm-up traces")
     ap.add_argument("--keeps", default="0.5,0.9", help="DeepConf keep shares")
     ap.add_argument("--consensus", default="0.8,0.9,0.95,none", help="DeepConf consensus stops")
+    ap.add_argument(
+        "--deepconf-rules",
+        default="predictive",
+        help="adaptive-consistency rules to sweep as DeepConf's stop, at each --confidences",
+    )
     args = ap.parse_args()
     gold, samples, n = load(args.results)
     base = TTSConfig(n=n)
@@ -88,23 +93,35 @@ def main() -> None:
     if not samples[0][0].token_confidences:
         print("\n(no token confidences recorded: rerun with --save-confidences for DeepConf)")
         return
-    print("\n| window | warm-up | keep | consensus | accuracy | traces | tokens |")
+    # DeepConf's stops: the paper's consensus share (or none: all n), or adaptive consistency's
+    stops = [("consensus", c, base.stopping_rule, base.confidence) for c in floats(args.consensus)]
+    stops += [
+        ("adaptive", None, rule, c)
+        for rule in args.deepconf_rules.split(",")
+        if rule
+        for c in floats(args.confidences)
+    ]
+    print("\n| window | warm-up | keep | stop | accuracy | traces | tokens |")
     print("|---|---|---|---|---|---|---|")
     for window in (int(w) for w in args.windows.split(",")):
         for warmup in (int(w) for w in args.warmups.split(",")):
             for keep in floats(args.keeps):
-                for consensus in floats(args.consensus):
+                for how, share, rule, confidence in stops:
                     cfg = dataclasses.replace(
                         base,
                         strategy="deepconf",
                         window=window,
                         warmup=warmup,
                         keep=keep,
-                        consensus=consensus,
+                        consensus=share,
+                        deepconf_stop=how,
+                        stopping_rule=rule,
+                        confidence=confidence,
                     )
                     acc, used, tokens = score(gold, samples, cfg)
+                    stop = f"{rule} {confidence:g}" if how == "adaptive" else f"consensus {share}"
                     print(
-                        f"| {window} | {warmup} | {keep:g} | {consensus} | {100 * acc:.1f}% "
+                        f"| {window} | {warmup} | {keep:g} | {stop} | {100 * acc:.1f}% "
                         f"| {used:.2f} | {tokens:.0f} |"
                     )
 

@@ -26,11 +26,19 @@ COMPARED = ("accuracy", "tokens", "samples_per_problem", "stopped_early")
 
 
 @pytest.mark.parametrize(
-    ("window", "consensus", "rule"),
-    [(2, 0.95, "beta"), (4, 0.95, "beta"), (4, 0.6, "dirichlet"), (2, None, "predictive")],
+    ("window", "consensus", "rule", "stop"),
+    [
+        (2, 0.95, "beta", "consensus"),
+        (4, 0.95, "beta", "adaptive"),
+        (4, 0.6, "dirichlet", "consensus"),
+        (2, None, "predictive", "consensus"),
+        (2, None, "predictive", "adaptive"),
+    ],
 )
-def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window, consensus, rule):
-    base = TTSConfig(window=window, wave=2, consensus=consensus, stopping_rule=rule)
+def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window, consensus, rule, stop):
+    base = TTSConfig(
+        window=window, wave=2, consensus=consensus, stopping_rule=rule, deepconf_stop=stop
+    )
     configs = sweep_configs(
         ["self-consistency", "adaptive", "deepconf"], [2, 8], base, [0.8, 0.95], [0.1, 0.5, 0.9]
     )
@@ -57,9 +65,9 @@ def test_nested_sweep_replays_adaptive_and_deepconf_exactly(window, consensus, r
     assert by["deepconf@8 keep=0.1"]["stopped_early"] > by["deepconf@8"]["stopped_early"] > 0
     assert by["adaptive@8 c=0.8"]["samples_per_problem"] < by["adaptive@8"]["samples_per_problem"]
     assert by["deepconf@8"]["derived_from"] == "self-consistency@8"
-    # Q3's warm-up agrees: with a consensus stop, DeepConf draws no more traces for it
+    # Q3's warm-up agrees: with any stop, DeepConf draws no more traces for it
     q3 = by["deepconf@8"]["per_problem"][2]["samples"]
-    assert q3 == (8 if consensus is None else 4)
+    assert q3 == (8 if stop == "consensus" and consensus is None else 4)
 
 
 def test_stop_point():

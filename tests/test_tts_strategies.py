@@ -200,18 +200,29 @@ def test_n_samples_share_the_prompt_blocks():
 
 
 @pytest.mark.parametrize(
-    ("values", "wave", "confidence", "expected"),
+    ("rule", "values", "wave", "confidence", "expected"),
     [
-        (["42"] * 16, 2, 0.95, 4),  # Beta(5, 1): P = 31/32 > 0.95 after four agreeing samples
-        (["42"] * 16, 1, 0.95, 4),  # three agreeing give only 15/16: one at a time, 4
-        (["42", "42", "7", "42", "42", "42", "42", "42"], 2, 0.95, 8),  # 7:1 gives 0.98
-        (["42", "7"] * 8, 2, 0.95, 16),  # never decided: all n samples
-        (["42"] * 16, 4, 0.99, 8),  # 6 agreeing: 0.992; waves of 4 reach it at 8
+        ("beta", ["42"] * 16, 2, 0.95, 4),  # Beta(5, 1): P = 31/32 > 0.95 after four agreeing
+        ("beta", ["42"] * 16, 1, 0.95, 4),  # three agreeing give only 15/16: one at a time, 4
+        ("beta", ["42", "42", "7", "42", "42", "42", "42", "42"], 2, 0.95, 8),  # 7:1 gives 0.98
+        ("beta", ["42", "7"] * 8, 2, 0.95, 16),  # never decided: all n samples
+        ("beta", ["42"] * 16, 4, 0.99, 8),  # 6 agreeing: 0.992; waves of 4 reach it at 8
+        # three agreeing with thirteen to go: the urn keeps 42 ahead with P = 0.96
+        ("predictive", ["42"] * 16, 1, 0.95, 3),
+        ("predictive", ["42"] * 16, 2, 0.95, 4),  # two agreeing: only 0.89
+        ("predictive", ["42", "7"] * 8, 2, 0.95, 16),
+        # 6:2 after eight with eight to go: 0.97 (Beta: 0.96 for 6:1 first, at 12)
+        ("predictive", ["42", "42", "7", "42", "7", "42", "42", "42", *["42"] * 8], 2, 0.95, 8),
     ],
 )
-def test_adaptive_stops_when_the_vote_is_decided(values, wave, confidence, expected):
+def test_adaptive_stops_when_the_vote_is_decided(rule, values, wave, confidence, expected):
     result, _ = run(
-        {"Q1": answers(*values)}, strategy="adaptive", n=16, wave=wave, confidence=confidence
+        {"Q1": answers(*values)},
+        strategy="adaptive",
+        n=16,
+        wave=wave,
+        confidence=confidence,
+        stopping_rule=rule,
     )
     assert result["num_samples"] == expected
     assert result["answer"] == "42"
@@ -219,12 +230,13 @@ def test_adaptive_stops_when_the_vote_is_decided(values, wave, confidence, expec
 
 def test_adaptive_stops_once_the_remaining_samples_cannot_change_the_winner():
     # 5:1 after six: Beta gives 0.94 < 0.99, but two more samples cannot overturn a lead of 4.
+    beta = dict(strategy="adaptive", n=8, wave=2, confidence=0.99, stopping_rule="beta")
     values = ["42", "7", "42", "42", "42", "42", "42", "42"]
-    result, _ = run({"Q1": answers(*values)}, strategy="adaptive", n=8, wave=2, confidence=0.99)
+    result, _ = run({"Q1": answers(*values)}, **beta)
     assert (result["num_samples"], result["answer"]) == (6, "42")
     # 3:1 after four with four to go could still end 3:5: keep drawing.
     values = ["42", "7", "42", "42", "7", "7", "7", "7"]
-    result, _ = run({"Q1": answers(*values)}, strategy="adaptive", n=8, wave=2, confidence=0.99)
+    result, _ = run({"Q1": answers(*values)}, **beta)
     assert (result["num_samples"], result["answer"]) == (8, "7")
 
 
@@ -299,7 +311,9 @@ def test_deepconf_stops_unsure_traces_early_and_frees_their_blocks():
 
     engine.abort_sample = watch
     # consensus=None: no stop on agreement (four sure warm-up traces would already agree)
-    config = dict(strategy="deepconf", n=8, warmup=4, window=4, consensus=None)
+    config = dict(
+        strategy="deepconf", n=8, warmup=4, window=4, consensus=None, deepconf_stop="consensus"
+    )
     result = run_strategy(engine, "Q1 x", config)
     assert result["threshold"] == pytest.approx(3.0)
     assert result["num_stopped_early"] == 3 and result["num_samples"] == 8
@@ -319,11 +333,27 @@ def test_deepconf_stops_unsure_traces_early_and_frees_their_blocks():
 def test_deepconf_stops_drawing_traces_once_the_weighted_vote_agrees(consensus, samples):
     sure, other = trace("hmm so The answer is 42 .", 3.0), trace("hmm so The answer is 7 .", 3.0)
     scripts = {"Q1": [sure, other, sure, sure, *[sure] * 4]}
-    result, _ = run(
-        scripts, strategy="deepconf", n=8, warmup=4, wave=2, window=2, consensus=consensus
-    )
+    config = dict(strategy="deepconf", n=8, warmup=4, wave=2, window=2, consensus=consensus)
+    result, _ = run(scripts, **config, deepconf_stop="consensus")
     assert (result["num_samples"], result["answer"]) == (samples, "42")
     assert result["tokens"] == samples * len(sure)
+
+
+def test_deepconf_adaptive_stop_counts_stopped_traces_as_drawn_without_an_answer():
+    sure, other = trace("hmm so The answer is 42 .", 3.0), trace("hmm so The answer is 7 .", 3.0)
+    unsure = trace("hmm so a " + "b " * 20 + "The answer is 7 .", [3.0, 3.0, 3.0, *[0.5] * 30])
+    # Warm-up 42, 7, 42, 42; then two unsure 7s, stopped early. Their dissent is gone from the
+    # finished traces (42 has 9/12 of the weighted vote, as before they were drawn), but they
+    # were drawn: 3:1 with two abstentions and ten to go is not sure (P = 0.94 < 0.95), so
+    # DeepConf draws on, and stops at eight once 42 leads 5:1 (P = 0.99).
+    scripts = {"Q1": [sure, other, sure, sure, unsure, unsure, *[sure] * 10]}
+    config = dict(strategy="deepconf", n=16, warmup=4, wave=2, window=2, confidence=0.95)
+    result, _ = run(scripts, **config)
+    assert (result["num_samples"], result["num_stopped_early"]) == (8, 2)
+    assert result["answer"] == "42"
+    # the paper's consensus share at 0.75 would have stopped after the warm-up
+    result, _ = run(scripts, **config, deepconf_stop="consensus", consensus=0.75)
+    assert result["num_samples"] == 4
 
 
 def test_best_of_n_by_mean_logprob_and_by_scorer():

@@ -82,6 +82,7 @@ class ScalingOptions(_Strict):
     top_logprobs: int | None = None
     early_stop: bool | None = None
     consensus: float | None = None
+    deepconf_stop: Literal["consensus", "adaptive"] | None = None
     symbolic: bool | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)
     min_thinking_tokens: int | None = Field(None, ge=0)

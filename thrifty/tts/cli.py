@@ -13,6 +13,7 @@ from typing import Any
 from thrifty.errors import ThriftyError
 from thrifty.tts.config import STRATEGIES, TTSConfig
 from thrifty.tts.tasks import TASKS
+from thrifty.tts.voting import STOPPING_RULES
 
 SAMPLING_TEMPERATURE = TTSConfig.temperature  # what --temperature 0 means for sampling strategies
 
@@ -60,6 +61,20 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
     )
     p.add_argument(
         "--keeps", default=str(TTSConfig.keep), help="DeepConf keep shares to sweep (default 0.9)"
+    )
+    p.add_argument(
+        "--stopping-rule",
+        choices=STOPPING_RULES,
+        default=TTSConfig.stopping_rule,
+        help=f"adaptive consistency's rule, also DeepConf's with --deepconf-stop adaptive"
+        f" (default {TTSConfig.stopping_rule})",
+    )
+    p.add_argument(
+        "--deepconf-stop",
+        choices=("consensus", "adaptive"),
+        default=TTSConfig.deepconf_stop,
+        help="when DeepConf draws no more traces: the paper's consensus share, or adaptive"
+        f" consistency's rule at 0.95 (default {TTSConfig.deepconf_stop})",
     )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=SAMPLING_TEMPERATURE)
@@ -140,6 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        stopping_rule=args.stopping_rule,
+        deepconf_stop=args.deepconf_stop,
     )
     # validates every config before loading
     configs = sweep_configs(strategies, ns, base, confidences, keeps)
@@ -163,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "ns": ns,
             "confidences": confidences,
             "keeps": keeps,
+            "stopping_rule": args.stopping_rule,
+            "deepconf_stop": args.deepconf_stop,
             "nested": args.nested,
         },
         "command": "thrifty " + " ".join(sys.argv[1:]),

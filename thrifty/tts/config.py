@@ -29,7 +29,7 @@ class TTSConfig:
     # vote counts as decided
     wave: int = 2
     confidence: float = 0.95
-    stopping_rule: str = "beta"  # or "dirichlet", "predictive" (see tts.voting)
+    stopping_rule: str = "predictive"  # or "beta", "dirichlet" (see tts.voting)
     # deepconf: warm-up traces, the share of them a trace must match to go on, window size,
     # and the confidence-weighted share of the leading answer at which no more traces are drawn
     # (None: draw all n)
@@ -37,6 +37,10 @@ class TTSConfig:
     keep: float = 0.9
     window: int = 32
     consensus: float | None = 0.95
+    # when DeepConf draws no more traces: "consensus" (the paper's, the share above) or
+    # "adaptive" (adaptive consistency's stopping_rule at `confidence` over the finished traces,
+    # those stopped early counting as drawn without an answer)
+    deepconf_stop: str = "adaptive"
     top_logprobs: int = 5
     early_stop: bool = True  # False: weight votes by confidence but let every trace finish
     # best-of-n: None scores by mean log-probability
@@ -63,6 +67,10 @@ class TTSConfig:
             (
                 self.consensus is None or 0.5 < self.consensus <= 1,
                 "consensus must be in (0.5, 1], or null to draw all n traces",
+            ),
+            (
+                self.deepconf_stop in ("consensus", "adaptive"),
+                "deepconf_stop must be consensus or adaptive",
             ),
             (self.window >= 1, "window must be at least 1"),
             (1 <= self.top_logprobs <= 20, "top_logprobs must be in [1, 20]"),

@@ -16,7 +16,7 @@ from typing import Any
 
 from thrifty.tts.confidence import threshold_from_warmup, trace_confidence
 from thrifty.tts.config import TTSConfig
-from thrifty.tts.voting import consensus, settled, tally, vote_confidence
+from thrifty.tts.voting import consensus, decided, tally
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,9 @@ def adaptive(samples: list[Sample], config: TTSConfig) -> dict[str, Any]:
     used = 0
     while used < n:
         used += min(config.wave, n - used)
-        votes = tally([s.answer for s in samples[:used]], symbolic=False)
-        abstained = used - sum(v.count for v in votes)
-        remaining = config.n - used
-        confidence = vote_confidence(votes, config.stopping_rule, remaining, abstained)
-        if votes and confidence >= config.confidence:
-            break
-        if settled(votes, config.n - used):  # the budget the online job has
+        answers = [s.answer for s in samples[:used]]
+        # the budget the online job has: config.n, even where fewer samples were recorded
+        if decided(answers, used, config.n, config.stopping_rule, config.confidence):
             break
     return self_consistency(samples, used, config.symbolic)
 
@@ -95,10 +91,13 @@ def deepconf(samples: list[Sample], config: TTSConfig) -> dict[str, Any]:
     threshold = threshold_from_warmup(confs[:used], config.keep)
     finished, tokens, stopped = list(range(used)), 0, 0
 
-    def agreed() -> bool:
+    def agreed() -> bool:  # as Job._agreed
+        answers = [samples[i].answer for i in finished]
+        if config.deepconf_stop == "adaptive":
+            return decided(answers, used, config.n, config.stopping_rule, config.confidence)
         if config.consensus is None:
             return False
-        votes = tally([samples[i].answer for i in finished], [confs[i] for i in finished])
+        votes = tally(answers, [confs[i] for i in finished], symbolic=False)
         return consensus(votes) >= config.consensus
 
     while used < n and not agreed():

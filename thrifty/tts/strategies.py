@@ -24,7 +24,7 @@ from thrifty.tts.confidence import (
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.extract import extract_answer
 from thrifty.tts.thinking import ThinkingBudget
-from thrifty.tts.voting import consensus, settled, tally, vote_confidence
+from thrifty.tts.voting import consensus, decided, tally
 
 _job_ids = itertools.count()
 
@@ -157,16 +157,9 @@ class Job:
         c = self.config
         used = len(self.traces) + len(self.stopped)
         if c.strategy == "adaptive" and used < c.n:
-            # Decided between engine steps (in the server, on the engine's thread): group
-            # answers exactly and numerically, never waiting on sympy; the final vote merges
-            # symbolically equal answers.
-            votes = tally([t.answer for t in self.traces], symbolic=False)
-            abstained = len(self.traces) - sum(v.count for v in votes)
-            sure = (
-                bool(votes)
-                and vote_confidence(votes, c.stopping_rule, c.n - used, abstained) >= c.confidence
-            )
-            if not sure and not settled(votes, c.n - used):
+            # Decided between engine steps (in the server, on the engine's thread).
+            answers = [t.answer for t in self.traces]
+            if not decided(answers, used, c.n, c.stopping_rule, c.confidence):
                 self._launch(min(c.wave, c.n - used))
                 return
         if c.strategy == "deepconf" and c.early_stop:
@@ -180,12 +173,17 @@ class Job:
         self.wall_s = time.perf_counter() - self.start_time
 
     def _agreed(self) -> bool:
-        """DeepConf's consensus stop: the finished traces' confidence-weighted vote is decided."""
-        if self.config.consensus is None:
+        """Whether DeepConf draws no more traces: the finished traces' confidence-weighted vote
+        is decided (the paper's consensus share), or adaptive consistency's rule is sure."""
+        c = self.config
+        answers = [t.answer for t in self.traces]
+        if c.deepconf_stop == "adaptive":
+            used = len(self.traces) + len(self.stopped)
+            return decided(answers, used, c.n, c.stopping_rule, c.confidence)
+        if c.consensus is None:
             return False
         weights = [t.confidence or 0.0 for t in self.traces]
-        votes = tally([t.answer for t in self.traces], weights, symbolic=False)
-        return consensus(votes) >= self.config.consensus
+        return consensus(tally(answers, weights, symbolic=False)) >= c.consensus
 
     # -- the answer ------------------------------------------------------------------------
     def result(self) -> dict[str, Any]:

@@ -148,3 +148,19 @@ def vote_confidence(
     if rule == "dirichlet":
         return dirichlet_confidence(counts)
     raise ThriftyError(f"unknown stopping rule {rule!r}; use {', '.join(STOPPING_RULES)}")
+
+
+def decided(
+    answers: list[str | None], drawn: int, budget: int, rule: str, confidence: float
+) -> bool:
+    """Adaptive consistency's stop: `answers` came from `drawn` samples (any others, such as
+    traces DeepConf stopped early, gave none) of a `budget`; stop once the leader is sure under
+    `rule` at `confidence`, or once the rest of the budget could not change the winner.
+    Answers are grouped exactly and numerically, never waiting on sympy (the final vote merges
+    symbolically equal ones)."""
+    votes = tally(answers, symbolic=False)
+    remaining = budget - drawn
+    if settled(votes, remaining):
+        return True
+    abstained = drawn - sum(v.count for v in votes)
+    return bool(votes) and vote_confidence(votes, rule, remaining, abstained) >= confidence
