@@ -15,28 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
+from thrifty.errors import ThriftyError
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.equivalence import equivalent
+from thrifty.tts.eval import read_samples
 from thrifty.tts.replay import Sample, replay
 from thrifty.tts.voting import STOPPING_RULES
-
-
-def load(path: Path) -> tuple[list[str], list[list[Sample]], int]:
-    """Gold answers and each problem's drawn samples, from the row that recorded them."""
-    rows = json.loads(path.read_text())["rows"]
-    row = next((r for r in rows if r["per_problem"] and "drawn" in r["per_problem"][0]), None)
-    if row is None:
-        raise SystemExit(f"{path}: no row with drawn samples (rerun `thrifty eval`)")
-    gold = [p["gold"] for p in row["per_problem"]]
-    # [answer, tokens] or, from `thrifty eval --save-confidences`, [answer, tokens, confidences]
-    samples = [
-        [Sample(d[0], d[1], tuple(d[2]) if len(d) > 2 else ()) for d in p["drawn"]]
-        for p in row["per_problem"]
-    ]
-    return gold, samples, row["n"]
 
 
 def score(
@@ -69,7 +55,10 @@ def main() -> None:
         help="adaptive-consistency rules to sweep as DeepConf's stop, at each --confidences",
     )
     args = ap.parse_args()
-    gold, samples, n = load(args.results)
+    try:
+        gold, samples, n = read_samples(args.results)
+    except ThriftyError as e:
+        raise SystemExit(str(e)) from None
     base = TTSConfig(n=n)
     print(f"{args.results.name}: {len(gold)} problems, {n} samples each\n")
     print("| strategy | rule | wave | confidence | accuracy | samples | tokens |")

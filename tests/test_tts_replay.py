@@ -4,11 +4,13 @@ nested (one self-consistency run, the rest replayed on its samples), gives the s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_tts_strategies import FakeEngine, trace
 
 from thrifty.tts import TTSConfig
-from thrifty.tts.eval import evaluate, sweep_configs
+from thrifty.tts.eval import evaluate, read_samples, sweep_configs, write_results
 from thrifty.tts.replay import Sample, adaptive, deepconf, stop_point
 from thrifty.tts.tasks import Problem
 
@@ -94,15 +96,25 @@ def test_eval_cli_rejects_bad_sweep_lists(capsys):
     assert "keep must be in (0, 1]" in capsys.readouterr().err
 
 
-def test_saved_confidences_replay_deepconf_as_the_sweep_did():
+def test_saved_confidences_replay_deepconf_as_the_sweep_did(tmp_path):
     configs = sweep_configs(["self-consistency", "deepconf"], [8], TTSConfig(window=2, wave=2))
     run = dict(progress=False, instruction="", max_num_seqs=8)
     plain = evaluate(FakeEngine(SCRIPTS), PROBLEMS, configs, **run)
     assert all(len(d) == 2 for d in plain[0]["per_problem"][0]["drawn"])
     rows = evaluate(FakeEngine(SCRIPTS), PROBLEMS, configs, save_confidences=True, **run)
-    sc, dc = rows
-    for entry, result in zip(sc["per_problem"], dc["per_problem"], strict=True):
-        samples = [Sample(a, t, tuple(c)) for a, t, c in entry["drawn"]]
-        assert [len(s.token_confidences) for s in samples] == [s.tokens for s in samples]
-        again = deepconf(samples, configs[1])
+    paths = write_results(rows, {"title": "fake"}, tmp_path / "sweep")
+    assert (tmp_path / "sweep_samples.json.gz") in paths
+    # the JSON keeps [answer, tokens]; the confidences sit beside it, compressed
+    saved = json.loads((tmp_path / "sweep.json").read_text())["rows"][0]
+    assert saved["per_problem"][0]["drawn"] == [d[:2] for d in rows[0]["per_problem"][0]["drawn"]]
+    gold, samples, n = read_samples(tmp_path / "sweep.json")
+    assert (gold, n) == ([p.answer for p in PROBLEMS], 8)
+    for drawn, result in zip(samples, rows[1]["per_problem"], strict=True):
+        assert [len(s.token_confidences) for s in drawn] == [s.tokens for s in drawn]
+        again = deepconf(drawn, configs[1])
         assert (again["answer"], again["tokens"]) == (result["answer"], result["tokens"])
+    # without kept confidences, the answers and lengths still load
+    write_results(plain, {"title": "fake"}, tmp_path / "plain")
+    assert not (tmp_path / "plain_samples.json.gz").exists()
+    _, samples, _ = read_samples(tmp_path / "plain.json")
+    assert samples[0][0].token_confidences == () and samples[0][0].tokens > 0

@@ -10,6 +10,7 @@ but no wall time of their own (`wall_s` is None). `nested=False` runs every stra
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import platform
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from thrifty.errors import ThriftyError
 from thrifty.tts import replay
 from thrifty.tts.config import TTSConfig
 from thrifty.tts.equivalence import equivalent
@@ -187,17 +189,62 @@ def evaluate(
 
 
 def write_results(rows: list[dict], meta: dict[str, Any], out: Path) -> list[Path]:
-    """`out`.json with every row (and per-problem answers), and three PNG plots beside it."""
+    """`out`.json with every row (and per-problem answers), and three PNG plots beside it; drawn
+    samples' token confidences, where kept, go to `out`_samples.json.gz (compact, compressed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "machine": platform.machine(), "python": platform.python_version()}
+    rows, confidences = _split_confidences(rows)
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    paths = [json_path]
+    if confidences:
+        paths.append(out.with_name(out.name + SAMPLES_SUFFIX))
+        paths[-1].write_bytes(gzip.compress(json.dumps(confidences).encode(), mtime=0))
     md_path = out.with_suffix(".md")
     header = [meta.get("title", ""), ""]
     if "command" in meta:
         header += [f"    {meta['command']}", ""]
     md_path.write_text("\n".join([*header, format_table(rows)]) + "\n")
-    return [json_path, md_path, *plot(rows, out, title=meta.get("title", ""))]
+    return [*paths, md_path, *plot(rows, out, title=meta.get("title", ""))]
+
+
+SAMPLES_SUFFIX = "_samples.json.gz"
+
+
+def _split_confidences(rows: list[dict]) -> tuple[list[dict], dict[str, list]]:
+    """The rows with drawn samples cut to [answer, tokens], and {row label: per problem, per
+    sample, the token confidences} for the rows that kept them."""
+    kept: dict[str, list] = {}
+    out = []
+    for row in rows:
+        drawn = [p.get("drawn") for p in row["per_problem"]]
+        if not any(d and len(d[0]) > 2 for d in drawn):
+            out.append(row)
+            continue
+        kept[row["label"]] = [[s[2] for s in d] for d in drawn]
+        problems = [{**p, "drawn": [s[:2] for s in p["drawn"]]} for p in row["per_problem"]]
+        out.append({**row, "per_problem": problems})
+    return out, kept
+
+
+def read_samples(path: Path) -> tuple[list[str], list[list[replay.Sample]], int]:
+    """From a `thrifty eval` JSON: the gold answers, each problem's drawn samples (with their
+    token confidences where the sweep kept them) and the N they were drawn for."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    row = next((r for r in rows if r["per_problem"] and "drawn" in r["per_problem"][0]), None)
+    if row is None:
+        raise ThriftyError(f"{path}: no row with drawn samples (rerun `thrifty eval`)")
+    side = Path(path).with_name(Path(path).with_suffix("").name + SAMPLES_SUFFIX)
+    confidences = (
+        json.loads(gzip.decompress(side.read_bytes()))[row["label"]] if side.is_file() else None
+    )
+    samples = []
+    for i, p in enumerate(row["per_problem"]):
+        confs = confidences[i] if confidences else [()] * len(p["drawn"])
+        samples.append(
+            [replay.Sample(a, t, tuple(c)) for (a, t), c in zip(p["drawn"], confs, strict=True)]
+        )
+    return [p["gold"] for p in row["per_problem"]], samples, row["n"]
 
 
 def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
