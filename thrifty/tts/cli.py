@@ -39,7 +39,13 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
     p.add_argument("--task", choices=TASKS, default="basic_arithmetic")
     p.add_argument("--data", help="a JSONL file of {question, answer} instead of a task")
     p.add_argument("--size", type=int, default=50, help="problems (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="task and sampling seed (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="task and sampling seed (default 0); reasoning-gym builds problem i from seed + i,"
+        " so seeds less than --size apart share problems",
+    )
     p.add_argument(
         "--task-option",
         action="append",
