@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,7 @@ from thrifty.server.scaling import scaling_config
 from thrifty.server.serving import Serving
 from thrifty.tokenizer import Tokenizer
 from thrifty.tts import STRATEGIES, TTSConfig
+from thrifty.tts.voting import STOPPING_RULES
 
 MODEL = "smollm2-thinking"
 SUM = [{"role": "user", "content": "What is 2 + 3? Answer with just the number."}]
@@ -264,6 +266,8 @@ def test_scaling_options_are_the_tts_config_fields():
     fields = set(TTSConfig.__dataclass_fields__) - {"scorer"}
     assert set(ScalingOptions.model_fields) == fields
     assert ScalingOptions.model_fields["strategy"].annotation.__args__ == STRATEGIES
+    rule = ScalingOptions.model_fields["stopping_rule"].annotation  # Literal[...] | None
+    assert typing.get_args(typing.get_args(rule)[0]) == STOPPING_RULES
 
 
 def test_scaling_config_takes_the_request_fields_it_can():
@@ -276,6 +280,10 @@ def test_scaling_config_takes_the_request_fields_it_can():
     c = config(temperature=0.2, max_tokens=50, test_time_scaling={"temperature": 0.9})
     assert (c.temperature, c.max_tokens, c.n, c.top_p) == (0.9, 50, 8, TTSConfig.top_p)
     assert config(test_time_scaling={}).temperature == TTSConfig.temperature
+    paper = {"strategy": "deepconf", "deepconf_stop": "consensus", "stopping_rule": "beta"}
+    c = config(test_time_scaling=paper)
+    assert (c.deepconf_stop, c.stopping_rule) == ("consensus", "beta")
+    assert (TTSConfig.deepconf_stop, TTSConfig.stopping_rule) == ("adaptive", "predictive")
     with pytest.raises(ApiError) as e:
         config(presence_penalty=0.5, test_time_scaling={})
     assert e.value.status == 400 and e.value.param == "presence_penalty"
