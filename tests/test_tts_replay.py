@@ -101,12 +101,14 @@ def test_saved_confidences_replay_deepconf_as_the_sweep_did(tmp_path):
     run = dict(progress=False, instruction="", max_num_seqs=8)
     plain = evaluate(FakeEngine(SCRIPTS), PROBLEMS, configs, **run)
     assert all(len(d) == 2 for d in plain[0]["per_problem"][0]["drawn"])
+    assert "drawn_confidences" not in plain[0]["per_problem"][0]
     rows = evaluate(FakeEngine(SCRIPTS), PROBLEMS, configs, save_confidences=True, **run)
     paths = write_results(rows, {"title": "fake"}, tmp_path / "sweep")
     assert (tmp_path / "sweep_samples.json.gz") in paths
     # the JSON keeps [answer, tokens]; the confidences sit beside it, compressed
-    saved = json.loads((tmp_path / "sweep.json").read_text())["rows"][0]
-    assert saved["per_problem"][0]["drawn"] == [d[:2] for d in rows[0]["per_problem"][0]["drawn"]]
+    saved = json.loads((tmp_path / "sweep.json").read_text())["rows"][0]["per_problem"][0]
+    assert saved["drawn"] == rows[0]["per_problem"][0]["drawn"]
+    assert all(len(d) == 2 for d in saved["drawn"]) and "drawn_confidences" not in saved
     gold, samples, n = read_samples(tmp_path / "sweep.json")
     assert (gold, n) == ([p.answer for p in PROBLEMS], 8)
     for drawn, result in zip(samples, rows[1]["per_problem"], strict=True):

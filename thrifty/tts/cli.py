@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.errors import ThriftyError
-from thrifty.tts.config import STRATEGIES, TTSConfig
+from thrifty.tts.config import DEEPCONF_STOPS, STRATEGIES, TTSConfig
 from thrifty.tts.tasks import TASKS
 from thrifty.tts.voting import STOPPING_RULES
 
@@ -77,7 +77,7 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
     )
     p.add_argument(
         "--deepconf-stop",
-        choices=("consensus", "adaptive"),
+        choices=DEEPCONF_STOPS,
         default=TTSConfig.deepconf_stop,
         help="when DeepConf draws no more traces: the paper's consensus share, or adaptive"
         f" consistency's rule at 0.95 (default {TTSConfig.deepconf_stop})",
@@ -95,8 +95,9 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
     p.add_argument(
         "--save-confidences",
         action="store_true",
-        help="with --nested and deepconf: keep every drawn sample's token confidences in the"
-        " JSON, to replay other DeepConf settings offline (benchmarks/tts_stopping.py)",
+        help="with --nested and deepconf: keep every drawn sample's token confidences in"
+        " PREFIX_samples.json.gz, to replay other DeepConf settings offline"
+        " (benchmarks/tts_stopping.py)",
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")

@@ -11,6 +11,7 @@ from thrifty.errors import ThriftyError
 from thrifty.tts.voting import STOPPING_RULES
 
 STRATEGIES = ("greedy", "self-consistency", "adaptive", "deepconf", "best-of-n")
+DEEPCONF_STOPS = ("consensus", "adaptive")
 
 # (prompt, completion text) -> score; the highest-scoring completion wins best-of-n.
 Scorer = Callable[[str, str], float]
@@ -69,8 +70,8 @@ class TTSConfig:
                 "consensus must be in (0.5, 1], or null to draw all n traces",
             ),
             (
-                self.deepconf_stop in ("consensus", "adaptive"),
-                "deepconf_stop must be consensus or adaptive",
+                self.deepconf_stop in DEEPCONF_STOPS,
+                f"deepconf_stop must be one of {', '.join(DEEPCONF_STOPS)}",
             ),
             (self.window >= 1, "window must be at least 1"),
             (1 <= self.top_logprobs <= 20, "top_logprobs must be in [1, 20]"),

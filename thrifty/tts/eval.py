@@ -147,7 +147,6 @@ def evaluate(
         runs.remove(largest)
         runs.insert(0, largest)
     record = next((c.top_logprobs for c in derived if c.strategy == "deepconf"), None)
-    keep = int(save_confidences and record is not None)
     rows: dict[str, dict] = {}
 
     def report() -> None:
@@ -174,10 +173,9 @@ def evaluate(
             # Every sample's answer and length (and, if asked, each token's confidence), in
             # draw order, for studying other rules offline (benchmarks/tts_stopping.py).
             for entry, drawn in zip(rows[label(cfg)]["per_problem"], samples, strict=True):
-                entry["drawn"] = [
-                    [s.answer, s.tokens, *([[round(c, 4) for c in s.token_confidences]] * keep)]
-                    for s in drawn
-                ]
+                entry["drawn"] = [[s.answer, s.tokens] for s in drawn]
+                if save_confidences and record is not None:
+                    entry[CONFIDENCES] = [[round(c, 4) for c in s.token_confidences] for s in drawn]
             for small in derived:
                 results = [replay.replay(s, small) for s in samples]
                 rows[label(small)] = {
@@ -209,20 +207,20 @@ def write_results(rows: list[dict], meta: dict[str, Any], out: Path) -> list[Pat
 
 
 SAMPLES_SUFFIX = "_samples.json.gz"
+CONFIDENCES = "drawn_confidences"  # per problem, beside "drawn": each sample's token confidences
 
 
 def _split_confidences(rows: list[dict]) -> tuple[list[dict], dict[str, list]]:
-    """The rows with drawn samples cut to [answer, tokens], and {row label: per problem, per
-    sample, the token confidences} for the rows that kept them."""
+    """The rows without their kept token confidences, and {row label: per problem, per sample,
+    the token confidences} for the rows that kept them."""
     kept: dict[str, list] = {}
     out = []
     for row in rows:
-        drawn = [p.get("drawn") for p in row["per_problem"]]
-        if not any(d and len(d[0]) > 2 for d in drawn):
+        if not row["per_problem"] or CONFIDENCES not in row["per_problem"][0]:
             out.append(row)
             continue
-        kept[row["label"]] = [[s[2] for s in d] for d in drawn]
-        problems = [{**p, "drawn": [s[:2] for s in p["drawn"]]} for p in row["per_problem"]]
+        kept[row["label"]] = [p[CONFIDENCES] for p in row["per_problem"]]
+        problems = [{k: v for k, v in p.items() if k != CONFIDENCES} for p in row["per_problem"]]
         out.append({**row, "per_problem": problems})
     return out, kept
 
