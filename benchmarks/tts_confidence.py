@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thrifty.errors import ThriftyError
 from thrifty.tts.confidence import group_confidences, trace_confidence
 from thrifty.tts.equivalence import equivalent
 from thrifty.tts.eval import read_samples
@@ -49,7 +50,10 @@ def main() -> None:
     ap.add_argument("results", type=Path, help="a `thrifty eval --save-confidences` JSON")
     ap.add_argument("--window", type=int, default=32)
     args = ap.parse_args()
-    gold, samples, _ = read_samples(args.results)
+    try:
+        gold, samples, _ = read_samples(args.results)
+    except ThriftyError as e:
+        raise SystemExit(str(e)) from None
     if not samples[0][0].token_confidences:
         raise SystemExit(f"{args.results}: no token confidences (rerun with --save-confidences)")
     right = [

@@ -9,6 +9,7 @@ import json
 import pytest
 from test_tts_strategies import FakeEngine, trace
 
+from thrifty.errors import ThriftyError
 from thrifty.tts import TTSConfig
 from thrifty.tts.eval import evaluate, read_samples, sweep_configs, write_results
 from thrifty.tts.replay import Sample, adaptive, deepconf, stop_point
@@ -120,3 +121,8 @@ def test_saved_confidences_replay_deepconf_as_the_sweep_did(tmp_path):
     assert not (tmp_path / "plain_samples.json.gz").exists()
     _, samples, _ = read_samples(tmp_path / "plain.json")
     assert samples[0][0].token_confidences == () and samples[0][0].tokens > 0
+    # a missing or foreign file is one clear error
+    (tmp_path / "other.json").write_text("[1, 2]")
+    for bad in (tmp_path / "missing.json", tmp_path / "other.json"):
+        with pytest.raises(ThriftyError, match="not a `thrifty eval` JSON"):
+            read_samples(bad)

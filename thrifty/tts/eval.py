@@ -228,7 +228,10 @@ def _split_confidences(rows: list[dict]) -> tuple[list[dict], dict[str, list]]:
 def read_samples(path: Path) -> tuple[list[str], list[list[replay.Sample]], int]:
     """From a `thrifty eval` JSON: the gold answers, each problem's drawn samples (with their
     token confidences where the sweep kept them) and the N they were drawn for."""
-    rows = json.loads(Path(path).read_text())["rows"]
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ThriftyError(f"{path}: not a `thrifty eval` JSON ({e})") from None
     row = next((r for r in rows if r["per_problem"] and "drawn" in r["per_problem"][0]), None)
     if row is None:
         raise ThriftyError(f"{path}: no row with drawn samples (rerun `thrifty eval`)")
