@@ -281,8 +281,9 @@ def test_scaling_config_takes_the_request_fields_it_can():
     assert (c.temperature, c.max_tokens, c.n, c.top_p) == (0.9, 50, 8, TTSConfig.top_p)
     assert config(test_time_scaling={}).temperature == TTSConfig.temperature
     paper = {"strategy": "deepconf", "deepconf_stop": "consensus", "stopping_rule": "beta"}
-    c = config(test_time_scaling=paper)
-    assert (c.deepconf_stop, c.stopping_rule) == ("consensus", "beta")
+    c = config(test_time_scaling={**paper, "numeric": True})
+    assert (c.deepconf_stop, c.stopping_rule, c.numeric) == ("consensus", "beta", True)
+    assert not config(test_time_scaling={}).numeric
     assert (TTSConfig.deepconf_stop, TTSConfig.stopping_rule) == ("adaptive", "predictive")
     with pytest.raises(ApiError) as e:
         config(presence_penalty=0.5, test_time_scaling={})

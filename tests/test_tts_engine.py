@@ -54,8 +54,8 @@ def test_sixteen_samples_prefill_the_prompt_once(llm):
     result = run_strategy(
         engine, prompt, {"strategy": "self-consistency", "n": 16, "max_tokens": 4, "seed": 0}
     )
-    # A sample may end at <|im_end|> (the uuid above changes the prompt on every run, and
-    # CPUs round differently): each one runs to max_tokens or stops at the EOS token (kept in its ids).
+    # A sample may end at <|im_end|> (the uuid above changes the prompt on every run, and CPUs
+    # round differently): each runs to max_tokens or stops at the EOS token (kept in its ids).
     samples = result["samples"]
     assert len(samples) == result["num_samples"] == 16
     assert all(
@@ -176,4 +176,5 @@ def test_eval_end_to_end_on_a_jsonl_file(tmp_path, capsys):
         "adaptive@2",
     ]
     assert saved["meta"]["problems"] == 2
+    assert saved["meta"]["config"]["numeric"]  # every gold answer is a number
     assert (out.parent / "sums_accuracy_vs_tokens.png").stat().st_size > 1000

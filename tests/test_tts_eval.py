@@ -13,7 +13,7 @@ from thrifty.cli import main
 from thrifty.errors import ThriftyError
 from thrifty.tts import TTSConfig
 from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
-from thrifty.tts.tasks import Problem, load_problems, parse_options
+from thrifty.tts.tasks import Problem, all_numeric, load_problems, parse_options
 
 PROBLEMS = [Problem("Q1 x", "42"), Problem("Q2 x", "9"), Problem("Q3 x", "9")]
 SCRIPTS = {
@@ -104,6 +104,8 @@ def test_tasks(tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "2+2?", "answer": 4}\n\n{"question": "3+3?", "answer": "6"}\n')
     assert load_problems(data=data, size=0) == [Problem("2+2?", "4"), Problem("3+3?", "6")]
+    assert all_numeric(a) and all_numeric(load_problems(data=data, size=0))
+    assert not all_numeric([Problem("2+2?", "4"), Problem("Capital of France?", "Paris")])
     assert parse_options(["a=3", "b=x", "c=0.5"]) == {"a": 3, "b": "x", "c": 0.5}
 
 

@@ -48,6 +48,8 @@ from thrifty.tts.voting import (
         ("no digits at all", None),
         ("3 + 4 = 7, so the answer is \\(", "7"),  # cut off after the marker: last number
         ("The answer is:\n\\[ 5 \\]", "5"),
+        ("The answer is `-1`.", "-1"),
+        ("The answer is \\(-131\\", "-131"),  # cut off inside "\\)"
         ("", None),
     ],
 )
@@ -60,6 +62,9 @@ def test_extract_answer_without_the_last_number_fallback():
     assert extract_answer("so the answer is 7. Then 8", last_number=False) == "7"
     assert extract_answer(r"\boxed{9} and 10", last_number=False) == "9"
     assert extract_answer("4 + 1 = 5, so the answer is \\", last_number=False) is None
+    # a box cut off at max_tokens is no answer, not "\\boxed{-1"
+    assert extract_answer("2 - 3 = -1, so the answer is \\boxed{-1", last_number=False) is None
+    assert extract_answer("so the answer is \\boxed", last_number=False) is None
 
 
 def test_boxed_unclosed_and_nested():
@@ -77,6 +82,7 @@ def test_boxed_unclosed_and_nested():
         ("3/4", Fraction(3, 4)),
         (r"\frac{3}{4}", Fraction(3, 4)),
         (r"\frac12", Fraction(1, 2)),
+        (r"-\frac{6}{7}", Fraction(-6, 7)),
         ("50%", Fraction(1, 2)),
         ("$42$", Fraction(42)),
         ("1/0", None),

@@ -161,6 +161,16 @@ def test_self_consistency_majority_votes_and_tokens():
     assert "The answer is 42" in result["text"]
 
 
+def test_numeric_votes_only_numbers():
+    # "The answer is x": the placeholder of the prompt's "end with: The answer is N", echoed
+    script = {"Q1": answers("x", "x", "x", "42", "42")}
+    loose, _ = run(script, strategy="self-consistency", n=5)
+    assert loose["answer"] == "x" and loose["votes"] == {"x": 3.0, "42": 2.0}
+    strict, _ = run(script, strategy="self-consistency", n=5, numeric=True)
+    assert strict["answer"] == "42" and strict["votes"] == {"42": 2.0}
+    assert [s["answer"] for s in strict["samples"]] == [None, None, None, "42", "42"]
+
+
 def test_self_consistency_tie_goes_to_the_answer_seen_first():
     result, _ = run({"Q1": answers("7", "42", "42", "7")}, strategy="self-consistency", n=4)
     assert result["votes"] == {"7": 2.0, "42": 2.0} and result["answer"] == "7"

@@ -84,6 +84,7 @@ class ScalingOptions(_Strict):
     consensus: float | None = None
     deepconf_stop: Literal["consensus", "adaptive"] | None = None
     symbolic: bool | None = None
+    numeric: bool | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)
     min_thinking_tokens: int | None = Field(None, ge=0)
 

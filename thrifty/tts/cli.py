@@ -82,6 +82,13 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
         help="when DeepConf draws no more traces: the paper's consensus share, or adaptive"
         f" consistency's rule at 0.95 (default {TTSConfig.deepconf_stop})",
     )
+    p.add_argument(
+        "--numeric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="only numeric answers vote, others count as none (default: on when every gold"
+        " answer is a number)",
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=SAMPLING_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=TTSConfig.top_p)
@@ -147,7 +154,7 @@ def _numbers(flag: str, text: str, kind: type) -> list:
 def cmd_eval(args: argparse.Namespace) -> None:
     from thrifty.cli import _llm
     from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
-    from thrifty.tts.tasks import load_problems, parse_options
+    from thrifty.tts.tasks import all_numeric, load_problems, parse_options
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -156,6 +163,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ns = _numbers("--ns", args.ns, int)
     confidences = _numbers("--confidences", args.confidences, float)
     keeps = _numbers("--keeps", args.keeps, float)
+    options = parse_options(args.task_option)
+    problems = load_problems(args.task, args.size, args.seed, options, args.data)
+    numeric = all_numeric(problems) if args.numeric is None else args.numeric
     base = TTSConfig(
         n=max(ns),
         temperature=args.temperature,
@@ -164,11 +174,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         stopping_rule=args.stopping_rule,
         deepconf_stop=args.deepconf_stop,
+        numeric=numeric,
     )
-    # validates every config before loading
+    # validates every config before loading the model
     configs = sweep_configs(strategies, ns, base, confidences, keeps)
-    options = parse_options(args.task_option)
-    problems = load_problems(args.task, args.size, args.seed, options, args.data)
     engine_kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
     if args.num_threads:
         engine_kwargs["num_threads"] = args.num_threads
@@ -189,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "keeps": keeps,
             "stopping_rule": args.stopping_rule,
             "deepconf_stop": args.deepconf_stop,
+            "numeric": numeric,
             "nested": args.nested,
         },
         "command": "thrifty " + " ".join(sys.argv[1:]),

@@ -47,6 +47,9 @@ class TTSConfig:
     # best-of-n: None scores by mean log-probability
     scorer: Scorer | None = None
     symbolic: bool = True  # merge votes for symbolically equal answers (sympy)
+    # only answers that are numbers vote (a math task's): any other, such as a placeholder
+    # echoed from the prompt ("The answer is N") or a line of code, counts as no answer
+    numeric: bool = False
     max_thinking_tokens: int | None = None
     min_thinking_tokens: int = 0
 

@@ -35,11 +35,11 @@ def _clean(answer: str) -> str:
     a = answer.strip()
     a = re.sub(r"^\\[(\[]|\\[)\]]$", "", a).strip()  # \( 42 \) and \[ 42 \]
     a = re.sub(r"^\**|\**$", "", a).strip()  # **42**
-    a = a.strip("$ ").replace("\\$", "").replace("\\!", "")
+    a = a.strip("$` ").replace("\\$", "").replace("\\!", "")
     a = re.sub(r"\\text\{\s*[a-zA-Z ]*\}$", "", a).strip()  # trailing \text{ units}
     a = re.sub(r"\\(?:left|right|displaystyle)", "", a)
     a = a.rstrip(".;,! ").strip()
-    return a
+    return re.sub(r"(?<!\\)\\$", "", a).strip()  # "-131\\" of a "\\)" cut off
 
 
 def _leading_answer(rest: str) -> str | None:
@@ -47,6 +47,8 @@ def _leading_answer(rest: str) -> str | None:
     rest = rest.strip()
     if (b := boxed(rest)) is not None:
         return b
+    if re.search(r"\\(?:boxed|fbox)\b", rest):
+        return None  # "The answer is \\boxed{-4" cut off: the box never closed
     # the first line with something in it: "The answer is:\n\\[ 5 \\]" puts it on the next
     lines = [x for x in rest.splitlines() if any(ch.isalnum() for ch in x)]
     first_line = lines[0] if lines else ""
@@ -86,7 +88,7 @@ def _extract(text: str, last_number: bool) -> str | None:
 def to_number(answer: str) -> Fraction | None:
     """An exact number for `answer` ("1,234", "-0.50", "3/4", "\\frac{3}{4}", "50%"); else None."""
     a = _clean(answer).replace("−", "-").replace(" ", "")
-    a = re.sub(r"^\\[dt]?frac\{([-\d.]+)\}\{([-\d.]+)\}$", r"\1/\2", a)
+    a = re.sub(r"^([-+]?)\\[dt]?frac\{([-\d.]+)\}\{([-\d.]+)\}$", r"\1\2/\3", a)
     a = re.sub(r"^([-+]?)\\[dt]?frac(\d)(\d)$", r"\1\2/\3", a)  # \frac12
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", a):
         a = a.replace(",", "")

@@ -22,7 +22,7 @@ from thrifty.tts.confidence import (
     trace_confidence,
 )
 from thrifty.tts.config import TTSConfig
-from thrifty.tts.extract import extract_answer
+from thrifty.tts.extract import extract_answer, to_number
 from thrifty.tts.thinking import ThinkingBudget
 from thrifty.tts.voting import consensus, decided, tally
 
@@ -145,6 +145,8 @@ class Job:
         lps = seq.logprobs
         # A sample cut off at max_tokens votes only if it had already stated an answer.
         answer = extract_answer(text, last_number=seq.finish_reason != "length")
+        if self.config.numeric and answer is not None and to_number(answer) is None:
+            answer = None
         trace = Trace(text, list(seq.output_token_ids), seq.finish_reason, answer)
         if lps:
             trace.mean_logprob = sum(lp.logprob for lp in lps) / len(lps)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.errors import ThriftyError
+from thrifty.tts.extract import to_number
 
 TASKS = ("basic_arithmetic", "gsm_symbolic")
 # The size the issue asks for: 3 to 4 terms of 1 to 2 digits.
@@ -26,6 +27,11 @@ class Problem:
 
     def messages(self, instruction: str = INSTRUCTION) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.question + instruction}]
+
+
+def all_numeric(problems: list[Problem]) -> bool:
+    """Whether every gold answer is a number: then only numeric answers need vote."""
+    return all(to_number(p.answer) is not None for p in problems)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
