@@ -35,8 +35,13 @@ def score(
     return correct / len(gold), mean("num_samples"), mean("tokens")
 
 
-def floats(text: str) -> list[float | None]:
-    return [None if x == "none" else float(x) for x in text.split(",")]
+def floats(flag: str, text: str, none: bool = False) -> list:
+    """ "0.8,0.9" -> [0.8, 0.9]; "none" is None where `none` allows it; else a one-line exit."""
+    try:
+        return [None if none and x == "none" else float(x) for x in text.split(",")]
+    except ValueError:
+        extra = " or none" if none else ""
+        raise SystemExit(f"{flag} must be comma-separated numbers{extra}, not {text!r}") from None
 
 
 def main() -> None:
@@ -55,6 +60,9 @@ def main() -> None:
         help="adaptive-consistency rules to sweep as DeepConf's stop, at each --confidences",
     )
     args = ap.parse_args()
+    confidences = floats("--confidences", args.confidences)
+    keeps = floats("--keeps", args.keeps)
+    shares = floats("--consensus", args.consensus, none=True)
     try:
         gold, samples, n = read_samples(args.results)
     except ThriftyError as e:
@@ -70,7 +78,7 @@ def main() -> None:
             print(f"| self-consistency@{k} | | | | {100 * acc:.1f}% | {used:.2f} | {tokens:.0f} |")
     for rule in args.rules.split(","):
         for wave in (int(w) for w in args.waves.split(",")):
-            for c in floats(args.confidences):
+            for c in confidences:
                 cfg = dataclasses.replace(
                     base, strategy="adaptive", stopping_rule=rule, wave=wave, confidence=c
                 )
@@ -83,18 +91,18 @@ def main() -> None:
         print("\n(no token confidences recorded: rerun with --save-confidences for DeepConf)")
         return
     # DeepConf's stops: the paper's consensus share (or none: all n), or adaptive consistency's
-    stops = [("consensus", c, base.stopping_rule, base.confidence) for c in floats(args.consensus)]
+    stops = [("consensus", c, base.stopping_rule, base.confidence) for c in shares]
     stops += [
         ("adaptive", None, rule, c)
         for rule in args.deepconf_rules.split(",")
         if rule
-        for c in floats(args.confidences)
+        for c in confidences
     ]
     print("\n| window | warm-up | keep | stop | accuracy | traces | tokens |")
     print("|---|---|---|---|---|---|---|")
     for window in (int(w) for w in args.windows.split(",")):
         for warmup in (int(w) for w in args.warmups.split(",")):
-            for keep in floats(args.keeps):
+            for keep in keeps:
                 for how, share, rule, confidence in stops:
                     cfg = dataclasses.replace(
                         base,
@@ -116,4 +124,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ThriftyError as e:  # a setting TTSConfig rejects, such as --confidences 0.3
+        raise SystemExit(f"error: {e}") from None

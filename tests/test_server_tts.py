@@ -284,6 +284,10 @@ def test_scaling_config_takes_the_request_fields_it_can():
     c = config(test_time_scaling={**paper, "numeric": True})
     assert (c.deepconf_stop, c.stopping_rule, c.numeric) == ("consensus", "beta", True)
     assert not config(test_time_scaling={}).numeric
+    # consensus: null draws all n traces; left out, it is TTSConfig's share
+    assert config(test_time_scaling={"strategy": "deepconf", "consensus": None}).consensus is None
+    assert config(test_time_scaling={"strategy": "deepconf"}).consensus == TTSConfig.consensus
+    assert config(test_time_scaling={"n": None}).n == TTSConfig.n
     assert (TTSConfig.deepconf_stop, TTSConfig.stopping_rule) == ("adaptive", "predictive")
     with pytest.raises(ApiError) as e:
         config(presence_penalty=0.5, test_time_scaling={})

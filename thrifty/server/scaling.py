@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 # Request fields a scaling run takes over when the client set them (test_time_scaling wins).
 INHERITED = ("temperature", "top_p", "top_k", "seed", "max_thinking_tokens", "min_thinking_tokens")
+# test_time_scaling fields where an explicit null is a value, not "unset"
+NULLABLE = ("consensus",)
 # Request fields that mean nothing to a run that samples, votes and answers once.
 UNSUPPORTED = (
     "stop",
@@ -57,8 +59,11 @@ def scaling_config(req: SamplingRequest, max_n: int, room: int) -> TTSConfig:
             raise ApiError(400, f"{name} is not supported with test_time_scaling", param=name)
     fields = {k: getattr(req, k, None) for k in INHERITED if k in req.model_fields_set}
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    fields |= {"max_tokens": max_tokens, **req.test_time_scaling.model_dump(exclude_none=True)}
-    fields = {k: v for k, v in fields.items() if v is not None}
+    asked = req.test_time_scaling
+    fields |= {"max_tokens": max_tokens, **asked.model_dump(exclude_none=True)}
+    # null means "unset", except where it is a setting of its own (consensus: draw all n)
+    nulls = {k: None for k in NULLABLE if k in asked.model_fields_set and getattr(asked, k) is None}
+    fields = {k: v for k, v in fields.items() if v is not None} | nulls
     fields.setdefault("max_tokens", min(TTSConfig.max_tokens, room))
     n = fields.setdefault("n", min(TTSConfig.n, max_n))
     if n > max_n:
