@@ -40,6 +40,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None  # (B,) int64
     # A step that mixes decoding sequences with prompt chunks attends in two parts, so that the
     # decoding ones are not padded to the chunk's length: (rows of q, their own layout) each.
+    # Attention then reads only the parts (and slot_mapping, to store the new keys): this
+    # step's own key_slots, attn_mask and query_index are not a layout to attend with.
     parts: tuple[tuple[torch.Tensor, AttentionMetadata], ...] = ()
 
 
@@ -85,9 +87,15 @@ def build_metadata(
     new_pos = [torch.arange(s, c) for s, c in zip(start.tolist(), context_lens, strict=True)]
     slot_mapping = torch.cat([key_slots[i, p] for i, p in enumerate(new_pos)])
 
+    to = torch.device(device)
     causal = b == 1 and tq == tk
-    if causal or (tq == 1 and all(c == tk for c in context_lens)):
-        # One whole new sequence, or decode with equal lengths (always so at batch 1):
+    parts = ()
+    if tq > 1 and min(query_lens) == 1:
+        # Decoding sequences beside prompt chunks: each part gets its own layout, and the
+        # padded one (a (B, 1, Tq, Tk) mask) is never built.
+        parts = tuple(_split(query_lens, context_lens, block_tables, block_size, to))
+    if parts or causal or (tq == 1 and all(c == tk for c in context_lens)):
+        # Split, one whole new sequence, or decode with equal lengths (always so at batch 1):
         # no mask and no padding.
         mask, query_index = None, None
     else:
@@ -101,11 +109,7 @@ def build_metadata(
         query_index = torch.cat([i * tq + torch.arange(n) for i, n in enumerate(query_lens)])
         if tq == 1:
             query_index = None
-    to = torch.device(device)
     decode_kernel = tq == 1 and to.type == "cpu" and kernels.cpu_ops_available()
-    parts = ()
-    if tq > 1 and min(query_lens) == 1:
-        parts = tuple(_split(query_lens, context_lens, block_tables, block_size, to))
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(to),
         key_slots=key_slots.to(to),

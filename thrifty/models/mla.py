@@ -104,11 +104,18 @@ class MLAttention(nn.Module):
         meta = get_context()
         cache = self.kv_cache.view(-1, self.kv_lora_rank + self.rope_dim)
         cache.index_copy_(0, meta.slot_mapping, torch.cat((latent, k_pe), dim=-1))
-        if meta.max_query_len <= self.max_absorbed_queries:
-            out = self._absorbed(q_nope, q_pe, cache, meta)
+        if meta.parts:  # decoding rows and prompt chunks, each in its own layout
+            out = q_nope.new_empty(n, h * self.v_dim)
+            for rows, part in meta.parts:
+                out[rows] = self._attend(q_nope[rows], q_pe[rows], cache, part)
         else:
-            out = self._expanded(q_nope, q_pe, cache[meta.key_slots], meta)
+            out = self._attend(q_nope, q_pe, cache, meta)
         return self.o_proj(out)
+
+    def _attend(self, q_nope, q_pe, cache, meta) -> torch.Tensor:
+        if meta.max_query_len <= self.max_absorbed_queries:
+            return self._absorbed(q_nope, q_pe, cache, meta)
+        return self._expanded(q_nope, q_pe, cache[meta.key_slots], meta)
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
