@@ -166,8 +166,10 @@ def test_eval_end_to_end_on_a_jsonl_file(tmp_path, capsys):
         str(out),
     ]
     assert main(argv) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "| greedy |" in table and "self-consistency@2" in table
+    assert "warning: max_tokens 6 cut off" in captured.err  # 6 tokens end no working
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [r["label"] for r in saved["rows"]] == [
         "greedy",

@@ -12,7 +12,13 @@ from test_tts_strategies import FakeEngine, answers
 from thrifty.cli import main
 from thrifty.errors import ThriftyError
 from thrifty.tts import TTSConfig
-from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
+from thrifty.tts.eval import (
+    cut_off_warning,
+    evaluate,
+    format_table,
+    sweep_configs,
+    write_results,
+)
 from thrifty.tts.tasks import Problem, all_numeric, load_problems, parse_options
 
 PROBLEMS = [Problem("Q1 x", "42"), Problem("Q2 x", "9"), Problem("Q3 x", "9")]
@@ -90,6 +96,19 @@ def test_sweep_runs_every_strategy_and_writes_results(tmp_path):
     assert "| greedy |" in paths[1].read_text()
     table = format_table(rows)
     assert "| greedy |" in table and "adaptive@4" in table
+    assert all(r["cut_off"] == 0 and r["unanswered"] == 0 for r in rows)
+    assert cut_off_warning(rows, 512) is None
+
+
+def test_a_cap_that_cuts_samples_off_is_reported():
+    # "hmm so The answer is 42 ." and EOS: cut off after 3 tokens, before any answer
+    tight = sweep_configs(["self-consistency"], [2], TTSConfig(max_tokens=3))
+    rows = evaluate(FakeEngine(SCRIPTS), PROBLEMS, tight, progress=False, instruction="")
+    assert rows[0]["cut_off"] == rows[0]["unanswered"] == 1.0 and rows[0]["correct"] == 0
+    assert cut_off_warning(rows, 3) == (
+        "warning: max_tokens 3 cut off 100% of the samples of self-consistency@2;"
+        " their answers are lost (raise --max-tokens)"
+    )
 
 
 def test_tasks(tmp_path):

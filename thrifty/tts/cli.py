@@ -89,7 +89,12 @@ def add_eval_parser(sub: Any, add_model_flags: Callable[[argparse.ArgumentParser
         help="only numeric answers vote, others count as none (default: on when every gold"
         " answer is a number)",
     )
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=TTSConfig.max_tokens,
+        help=f"per sample (default {TTSConfig.max_tokens}); a sample cut off gives no answer",
+    )
     p.add_argument("--temperature", type=float, default=SAMPLING_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=TTSConfig.top_p)
     p.add_argument(
@@ -153,7 +158,13 @@ def _numbers(flag: str, text: str, kind: type) -> list:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from thrifty.cli import _llm
-    from thrifty.tts.eval import evaluate, format_table, sweep_configs, write_results
+    from thrifty.tts.eval import (
+        cut_off_warning,
+        evaluate,
+        format_table,
+        sweep_configs,
+        write_results,
+    )
     from thrifty.tts.tasks import all_numeric, load_problems, parse_options
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -222,4 +233,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     paths = save(rows)
     print(format_table(rows))
+    if warning := cut_off_warning(rows, args.max_tokens):
+        print(warning, file=sys.stderr)
     print("\n".join(str(p) for p in paths), file=sys.stderr)

@@ -75,6 +75,10 @@ def sweep_configs(
 def _row(cfg: TTSConfig, problems: list[Problem], results: list[dict], wall_s: float | None):
     correct = [equivalent(r["answer"], p.answer) for r, p in zip(results, problems, strict=True)]
     n = len(problems)
+    # Online runs list their samples: how many gave no answer, and how many max_tokens cut off
+    # (a cap too tight for the model's working shows here first).
+    samples = [s for r in results for s in r.get("samples", ())]
+    share = lambda hit: sum(map(hit, samples)) / len(samples) if samples else None  # noqa: E731
     return {
         "label": label(cfg),
         "strategy": cfg.strategy,
@@ -86,6 +90,8 @@ def _row(cfg: TTSConfig, problems: list[Problem], results: list[dict], wall_s: f
         "tokens_per_problem": sum(r["tokens"] for r in results) / n,
         "samples_per_problem": sum(r["num_samples"] for r in results) / n,
         "stopped_early": sum(r["num_stopped_early"] for r in results),
+        "unanswered": share(lambda s: s["answer"] is None),
+        "cut_off": share(lambda s: s["finish_reason"] == "length"),
         "wall_s": wall_s,
         "per_problem": [
             {
@@ -296,6 +302,19 @@ def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def cut_off_warning(rows: list[dict], max_tokens: int, limit: float = 0.1) -> str | None:
+    """A line for the user when max_tokens cut off more than `limit` of some run's samples."""
+    worst = max(
+        (r for r in rows if r.get("cut_off") is not None), key=lambda r: r["cut_off"], default=None
+    )
+    if worst is None or worst["cut_off"] <= limit:
+        return None
+    return (
+        f"warning: max_tokens {max_tokens} cut off {100 * worst['cut_off']:.0f}% of the samples"
+        f" of {worst['label']}; their answers are lost (raise --max-tokens)"
+    )
 
 
 def format_table(rows: list[dict]) -> str:
