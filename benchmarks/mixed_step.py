@@ -9,7 +9,6 @@ heads, 2 KV heads of 64), bf16, a paged cache of 16-token blocks. Median over ro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -42,7 +41,7 @@ def main() -> None:
     k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g).bfloat16()
     v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g).bfloat16()
     split = build_metadata(query_lens, context_lens, tables, BLOCK)
-    padded = dataclasses.replace(split, parts=())
+    padded = build_metadata(query_lens, context_lens, tables, BLOCK, split=False)
     print(
         f"{args.decoding} sequences decoding ({args.context}-token contexts) + a "
         f"{args.chunk}-token chunk, {args.threads} threads, median of {args.rounds}"

@@ -105,12 +105,12 @@ def _tables() -> list[list[int]]:
     ]
 
 
-def _forward(model, seqs, starts, ends) -> list[torch.Tensor]:
+def _forward(model, seqs, starts, ends, split=True) -> list[torch.Tensor]:
     """Compute tokens [start, end) of each sequence in one batch; logits per sequence."""
     ids = torch.cat([s[a:b] for s, a, b in zip(seqs, starts, ends, strict=True)])
     pos = torch.cat([torch.arange(a, b) for a, b in zip(starts, ends, strict=True)])
     qlens = [b - a for a, b in zip(starts, ends, strict=True)]
-    meta = build_metadata(qlens, list(ends), _tables(), BLOCK)
+    meta = build_metadata(qlens, list(ends), _tables(), BLOCK, split=split)
     with torch.inference_mode(), forward_context(meta):
         logits = model.compute_logits(model(ids, pos))
     return list(logits.split(qlens))
@@ -166,8 +166,11 @@ def test_step_mixing_decode_and_prompt_chunks_matches_transformers(pair, prompts
     hf, model = pair
     want = _reference(hf, prompts)
     first, second = [4, 2, 6], [5, 9, 7]  # then: decode, a chunk of 7, decode
-    assert build_metadata([1, 7, 1], second, _tables(), BLOCK).parts
-    for starts, ends in (([0, 0, 0], first), (first, second)):
-        got = _forward(model, prompts, starts, ends)
-        for g, w, s, e in zip(got, want, starts, ends, strict=True):
-            torch.testing.assert_close(g, w[s:e], atol=1e-4, rtol=0)
+    mixed = build_metadata([1, 7, 1], second, _tables(), BLOCK)
+    assert mixed.parts and mixed.attn_mask is None  # the padded layout is not built beside
+    assert not build_metadata([1, 7, 1], second, _tables(), BLOCK, split=False).parts
+    for split in (True, False):  # and padded into one batch, as benchmarks/mixed_step.py does
+        for starts, ends in (([0, 0, 0], first), (first, second)):
+            got = _forward(model, prompts, starts, ends, split)
+            for g, w, s, e in zip(got, want, starts, ends, strict=True):
+                torch.testing.assert_close(g, w[s:e], atol=1e-4, rtol=0)

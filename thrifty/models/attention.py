@@ -70,8 +70,11 @@ def build_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device | str = "cpu",
+    *,
+    split: bool = True,
 ) -> AttentionMetadata:
-    """Lay out one step: sequence i computes its last query_lens[i] of context_lens[i] tokens."""
+    """Lay out one step: sequence i computes its last query_lens[i] of context_lens[i] tokens.
+    `split=False` pads a mixed step into one batch instead (for comparison and tests)."""
     b = len(query_lens)
     tq, tk = max(query_lens), max(context_lens)
     nblk = (tk + block_size - 1) // block_size
@@ -90,7 +93,7 @@ def build_metadata(
     to = torch.device(device)
     causal = b == 1 and tq == tk
     parts = ()
-    if tq > 1 and min(query_lens) == 1:
+    if split and tq > 1 and min(query_lens) == 1:
         # Decoding sequences beside prompt chunks: each part gets its own layout, and the
         # padded one (a (B, 1, Tq, Tk) mask) is never built.
         parts = tuple(_split(query_lens, context_lens, block_tables, block_size, to))
