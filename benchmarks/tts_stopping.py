@@ -63,10 +63,7 @@ def main() -> None:
     confidences = floats("--confidences", args.confidences)
     keeps = floats("--keeps", args.keeps)
     shares = floats("--consensus", args.consensus, none=True)
-    try:
-        gold, samples, n = read_samples(args.results)
-    except ThriftyError as e:
-        raise SystemExit(str(e)) from None
+    gold, samples, n = read_samples(args.results)
     base = TTSConfig(n=n)
     print(f"{args.results.name}: {len(gold)} problems, {n} samples each\n")
     print("| strategy | rule | wave | confidence | accuracy | samples | tokens |")
@@ -126,5 +123,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ThriftyError as e:  # a setting TTSConfig rejects, such as --confidences 0.3
-        raise SystemExit(f"error: {e}") from None
+    except ThriftyError as e:  # a file that is no sweep, a setting TTSConfig rejects (0.3)
+        raise SystemExit(str(e)) from None
