@@ -7,6 +7,8 @@ exactly as the online job would decide (thrifty.tts.replay). This sweeps adaptiv
 rule (Beta, Dirichlet, predictive), wave size and confidence, and, where confidences were kept,
 DeepConf's window, warm-up, keep share and consensus stop, printing accuracy, samples and tokens
 per problem beside self-consistency. No model runs; a sweep takes seconds to minutes.
+`--orders K` averages every row over K orders of each problem's samples (the recorded order
+first): one order's accuracy depends on which samples happened to come first, by a few points.
 
     python benchmarks/tts_stopping.py benchmarks/results/tts_basic_arithmetic_qwen05b_200.json
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 from pathlib import Path
 
 from thrifty.errors import ThriftyError
@@ -25,14 +28,27 @@ from thrifty.tts.replay import Sample, replay
 from thrifty.tts.voting import STOPPING_RULES
 
 
+def orders(samples: list[list[Sample]], count: int) -> list[list[list[Sample]]]:
+    """Every problem's samples in the recorded order, then in `count - 1` random orders (seeded):
+    the samples of one prompt are exchangeable, so each order is as valid a draw as the recorded
+    one, and averaging a stopping rule over orders removes the luck of which samples came first."""
+    shuffled = [samples]
+    for k in range(1, count):
+        rng = random.Random(k)
+        shuffled.append([rng.sample(s, len(s)) for s in samples])
+    return shuffled
+
+
 def score(
-    gold: list[str], samples: list[list[Sample]], config: TTSConfig
+    gold: list[str], runs: list[list[list[Sample]]], config: TTSConfig
 ) -> tuple[float, float, float]:
-    """Accuracy, mean samples and mean tokens per problem of `config` replayed on every problem."""
-    results = [replay(s, config) for s in samples]
-    correct = sum(equivalent(r["answer"], g) for r, g in zip(results, gold, strict=True))
-    mean = lambda key: sum(r[key] for r in results) / len(gold)  # noqa: E731
-    return correct / len(gold), mean("num_samples"), mean("tokens")
+    """Accuracy, mean samples and mean tokens per problem of `config` replayed on every problem,
+    averaged over the sample orders in `runs`."""
+    results = [replay(s, config) for samples in runs for s in samples]
+    golds = gold * len(runs)
+    correct = sum(equivalent(r["answer"], g) for r, g in zip(results, golds, strict=True))
+    mean = lambda key: sum(r[key] for r in results) / len(golds)  # noqa: E731
+    return correct / len(golds), mean("num_samples"), mean("tokens")
 
 
 def floats(flag: str, text: str, none: bool = False) -> list:
@@ -47,6 +63,12 @@ def floats(flag: str, text: str, none: bool = False) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="a `thrifty eval` JSON")
+    ap.add_argument(
+        "--orders",
+        type=int,
+        default=1,
+        help="average every row over this many sample orders: the recorded one, then random ones",
+    )
     ap.add_argument("--confidences", default="0.6,0.7,0.8,0.9,0.95")
     ap.add_argument("--waves", default="1,2,4")
     ap.add_argument("--rules", default=",".join(STOPPING_RULES))
@@ -63,15 +85,19 @@ def main() -> None:
     confidences = floats("--confidences", args.confidences)
     keeps = floats("--keeps", args.keeps)
     shares = floats("--consensus", args.consensus, none=True)
+    if args.orders < 1:
+        raise SystemExit(f"--orders must be at least 1, not {args.orders}")
     gold, samples, n = read_samples(args.results)
+    runs = orders(samples, args.orders)
     base = TTSConfig(n=n)
-    print(f"{args.results.name}: {len(gold)} problems, {n} samples each\n")
+    per = f", averaged over {args.orders} sample orders" if args.orders > 1 else ""
+    print(f"{args.results.name}: {len(gold)} problems, {n} samples each{per}\n")
     print("| strategy | rule | wave | confidence | accuracy | samples | tokens |")
     print("|---|---|---|---|---|---|---|")
     for k in sorted({1, 2, 4, 8, n}):
         if k <= n:
             cfg = dataclasses.replace(base, strategy="self-consistency", n=k)
-            acc, used, tokens = score(gold, samples, cfg)
+            acc, used, tokens = score(gold, runs, cfg)
             print(f"| self-consistency@{k} | | | | {100 * acc:.1f}% | {used:.2f} | {tokens:.0f} |")
     for rule in args.rules.split(","):
         for wave in (int(w) for w in args.waves.split(",")):
@@ -79,7 +105,7 @@ def main() -> None:
                 cfg = dataclasses.replace(
                     base, strategy="adaptive", stopping_rule=rule, wave=wave, confidence=c
                 )
-                acc, used, tokens = score(gold, samples, cfg)
+                acc, used, tokens = score(gold, runs, cfg)
                 print(
                     f"| adaptive | {rule} | {wave} | {c:g} | {100 * acc:.1f}% | {used:.2f} "
                     f"| {tokens:.0f} |"
@@ -112,7 +138,7 @@ def main() -> None:
                         stopping_rule=rule,
                         confidence=confidence,
                     )
-                    acc, used, tokens = score(gold, samples, cfg)
+                    acc, used, tokens = score(gold, runs, cfg)
                     stop = f"{rule} {confidence:g}" if how == "adaptive" else f"consensus {share}"
                     print(
                         f"| {window} | {warmup} | {keep:g} | {stop} | {100 * acc:.1f}% "
