@@ -8,6 +8,7 @@ on dict order or on a random draw.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import comb
 
 import numpy as np
@@ -89,13 +90,37 @@ def predictive_confidence(
         return 0.0
     if remaining <= 0:
         return 1.0
-    m = len(votes)
+    # only the order in which the answers first appeared matters (it breaks ties), so states
+    # that differ in nothing else share one cached estimate
+    ranks = np.argsort(np.argsort([v.first for v in votes]))
+    return _predictive(
+        tuple(v.count for v in votes),
+        tuple(int(r) for r in ranks),
+        remaining,
+        abstained,
+        concentration,
+        samples,
+        seed,
+    )
+
+
+@lru_cache(maxsize=1 << 16)
+def _predictive(
+    counts_seen: tuple[int, ...],
+    ranks: tuple[int, ...],
+    remaining: int,
+    abstained: int,
+    concentration: float,
+    samples: int,
+    seed: int,
+) -> float:
+    m = len(counts_seen)
     width = m + 1 + remaining  # the answers seen, the abstentions, and room for new answers
     counts = np.zeros((samples, width))
-    counts[:, :m] = [v.count for v in votes]
+    counts[:, :m] = counts_seen
     counts[:, m] = abstained
     # order of first appearance; new answers come after every answer seen
-    first = np.concatenate([[v.first for v in votes], [np.inf], 1e9 + np.arange(remaining)])
+    first = np.concatenate([ranks, [np.inf], 1e9 + np.arange(remaining)])
     rng = np.random.default_rng(seed)
     rows = np.arange(samples)
     new_slots = np.full(samples, m + 1)
