@@ -155,3 +155,26 @@ def test_task_errors(tmp_path):
 def test_eval_cli_input_errors(argv, message, capsys):
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+
+
+def _seeds(config: TTSConfig) -> list[int | None]:
+    """The sampling seed of every request a sweep of `config` sends."""
+    engine, seeds = FakeEngine(SCRIPTS), []
+    add = engine.add_request
+
+    def recording(prompt, params, *args, **kwargs):
+        seeds.append(params.seed)
+        return add(prompt, params, *args, **kwargs)
+
+    engine.add_request = recording
+    evaluate(engine, PROBLEMS, sweep_configs(["self-consistency"], [2], config), progress=False)
+    return seeds
+
+
+def test_every_problem_samples_from_its_own_seed():
+    seeds = _seeds(TTSConfig(seed=0))
+    assert len(set(seeds)) == len(PROBLEMS)  # sample k of each problem draws its own stream
+    assert all(0 <= s < 2**40 for s in seeds)  # the engine's generators take seed * 1_000_003 + k
+    assert _seeds(TTSConfig(seed=0)) == seeds  # the same seed gives the same streams
+    assert set(_seeds(TTSConfig(seed=1))).isdisjoint(seeds)
+    assert _seeds(TTSConfig()) == [None] * len(PROBLEMS)

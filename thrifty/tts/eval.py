@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import platform
 import time
@@ -106,6 +107,19 @@ def _row(cfg: TTSConfig, problems: list[Problem], results: list[dict], wall_s: f
     }
 
 
+def problem_config(cfg: TTSConfig, index: int) -> TTSConfig:
+    """`cfg` with problem `index`'s own sampling seed. Sample k of a seeded job draws from the
+    stream of (seed, k); with one seed for every problem, sample k of every problem would draw the
+    same uniforms, and prompts this alike then start alike: in one run of 200 problems, from 3
+    to 30 samples per position gave no answer, and a single sample's accuracy read 25.5% at
+    position 0 against 35% over all 16. Every figure of a sweep then rests on 16 draws shared
+    by all problems, not on independent ones."""
+    if cfg.seed is None:
+        return cfg
+    digest = hashlib.blake2b(f"{cfg.seed}:{index}".encode(), digest_size=5).digest()
+    return dataclasses.replace(cfg, seed=int.from_bytes(digest, "little"))  # < 2**40
+
+
 def _samples(job: Job) -> list[replay.Sample]:
     """A finished self-consistency job's samples, in the order they were drawn."""
     return [
@@ -160,7 +174,7 @@ def evaluate(
             on_rows([rows[label(c)] for c in configs if label(c) in rows])
 
     for cfg in runs:
-        jobs = [Job(engine, ids, cfg) for ids in prompts]
+        jobs = [Job(engine, ids, problem_config(cfg, i)) for i, ids in enumerate(prompts)]
         if cfg is largest:
             for job in jobs:
                 job.record_logprobs = record
