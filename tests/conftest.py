@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from thrifty import hub
+
+# A shell's background job (`pytest ... &`) starts with SIGINT ignored, and servers the tests
+# launch would inherit that and could not be stopped by Ctrl-C as a user's can (the shutdown
+# test checks its exit code). A handler of our own is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
