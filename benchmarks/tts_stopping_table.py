@@ -19,6 +19,8 @@ import collections
 import random
 from pathlib import Path
 
+from tts_stopping import floats  # this script's folder is on sys.path when it runs
+
 from thrifty.errors import ThriftyError
 from thrifty.tts.equivalence import equivalent
 from thrifty.tts.eval import read_samples
@@ -62,8 +64,9 @@ def fit(problems: list[Problem], n: int, count: int) -> dict[tuple, float]:
         final, _ = leader(keys)
         for k in range(1, n):
             now, _ = leader(keys[:k])
-            total[state(keys[:k])] += 1
-            hit[state(keys[:k])] += now is not None and now == final
+            seen = state(keys[:k])
+            total[seen] += 1
+            hit[seen] += now is not None and now == final
     return {s: (hit[s] + 1) / (total[s] + 2) for s in total}
 
 
@@ -100,7 +103,9 @@ def main() -> None:
     ap.add_argument("--fit-orders", type=int, default=50)
     ap.add_argument("--orders", type=int, default=20)
     args = ap.parse_args()
-    confidences = [float(c) for c in args.confidences.split(",")]
+    confidences = floats("--confidences", args.confidences)
+    if min(args.fit_orders, args.orders) < 1:
+        raise SystemExit("--fit-orders and --orders must be at least 1")
     runs = [load(p) for p in args.runs]
     print(
         "| fit on | tested on | confidence | accuracy | samples | self-consistency@N "
