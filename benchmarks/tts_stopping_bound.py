@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,27 +39,26 @@ State = tuple[int, tuple[int, ...], int]  # samples drawn, votes per answer, sam
 Trajectory = list[tuple[State, bool]]
 
 
+def walk(answers: list[str | None], right: Callable[[str], bool]) -> Trajectory:
+    """One order of a problem's answers, as the vote stands after each sample."""
+    out = []
+    for k in range(1, len(answers) + 1):
+        votes = tally(answers[:k])
+        counts = tuple(v.count for v in votes)  # largest first, as tally sorts them
+        out.append(((k, counts, k - sum(counts)), bool(votes) and right(votes[0].answer)))
+    return out
+
+
 def trajectories(path: Path, count: int) -> tuple[list[Trajectory], int]:
     """Every problem's vote, sample by sample, in `count` orders of its samples."""
     gold, samples, n = read_samples(path)
-    right: dict[tuple[int, str], bool] = {}
-    out = []
-    for shuffled in orders(samples, count):
-        for i, (problem, g) in enumerate(zip(shuffled, gold, strict=True)):
-            walk = []
-            for k in range(1, len(problem) + 1):
-                answers = [s.answer for s in problem[:k]]
-                votes = tally(answers)
-                ok = False
-                if votes:
-                    key = (i, votes[0].answer)
-                    if key not in right:
-                        right[key] = equivalent(votes[0].answer, g)
-                    ok = right[key]
-                counts = tuple(v.count for v in votes)  # largest first, as tally sorts them
-                walk.append(((k, counts, k - sum(counts)), ok))
-            out.append(walk)
-    return out, n
+    checked = [functools.cache(functools.partial(equivalent, b=g)) for g in gold]
+    walks = [
+        walk([s.answer for s in problem], right)
+        for shuffled in orders(samples, count)
+        for problem, right in zip(shuffled, checked, strict=True)
+    ]
+    return walks, n
 
 
 def fit(runs: list[list[Trajectory]]) -> tuple[dict, dict]:
