@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ from test_server import KEY, openai_client, suite_server, wait_idle
 from test_tts_strategies import ID, FakeEngine, answers, trace
 
 from thrifty import hub
-from thrifty.server.async_engine import AsyncEngine
+from thrifty.errors import ThriftyError
+from thrifty.server.async_engine import AsyncEngine, EngineThread
 from thrifty.server.config import ServerConfig
 from thrifty.server.metrics import Metrics
 from thrifty.server.protocol import (
@@ -309,10 +311,10 @@ def test_a_budget_needs_a_thinking_model():
 # -- the engine loop on a scripted engine (test_tts_strategies.FakeEngine) ---------------------
 
 
-def scripted_serving(scripts) -> tuple[FakeEngine, Serving, Responses]:
-    engine = FakeEngine(scripts)
+def scripted_serving(scripts, thread=None, engine=None) -> tuple[FakeEngine, Serving, Responses]:
+    engine = engine or FakeEngine(scripts)
     config = ServerConfig("fake", max_n=8)
-    serving = Serving(AsyncEngine(engine), engine.tokenizer, 1024, config, Metrics(engine))
+    serving = Serving(AsyncEngine(engine, thread), engine.tokenizer, 1024, config, Metrics(engine))
     return engine, serving, Responses(engine.tokenizer, "fake")
 
 
@@ -347,6 +349,34 @@ def test_jobs_run_in_the_engine_loop_and_vote():
     assert body["usage"]["completion_tokens"] == info["tokens"] == 5 * len(answers("42")[0])
     assert not engine.requests and engine.blocks.num_used_blocks == 0
     assert serving.num_queued == 0
+
+
+def test_the_loop_steps_on_the_thread_that_loaded_the_engine():
+    # `thrifty serve` loads the model on the loop's thread, so that OpenMP keeps one team of
+    # workers (thrifty.server.async_engine): every step must run there, none on the caller's
+    thread = EngineThread()
+    loaded_on, engine = thread.call(
+        lambda: (threading.get_ident(), FakeEngine({"Q1": answers("42", "7", "42")}))
+    ).result()
+    stepped_on = []
+    step = engine.step
+    engine.step = lambda: stepped_on.append(threading.get_ident()) or step()
+    engine, serving, _ = scripted_serving(None, thread, engine)
+    req = CompletionRequest.model_validate(
+        {"prompt": "Q1 x", "test_time_scaling": {"n": 3, "seed": 0}}
+    )
+
+    async def work():
+        run = serving.completion_scaling(req)
+        run.start()
+        return await run.full("fake")
+
+    assert in_loop(serving, work)["test_time_scaling"]["answer"] == "42"
+    assert stepped_on and set(stepped_on) == {loaded_on} != {threading.get_ident()}
+    # an error comes back to the caller, and the thread goes on taking calls
+    with pytest.raises(ThriftyError, match="no such model"):
+        thread.call(lambda: (_ for _ in ()).throw(ThriftyError("no such model"))).result()
+    assert thread.call(threading.get_ident).result() == loaded_on
 
 
 def test_an_aborted_job_frees_every_sample():

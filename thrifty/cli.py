@@ -265,8 +265,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key or None,
         **given("max_n", "max_queued_requests", "max_body_bytes"),
     )
-    engine = LLMEngine(hub.resolve(args.model), config, allow_pickle=args.allow_pickle)
-    serve(engine, served, args.host, args.port)
+    path = hub.resolve(args.model)
+    serve(
+        lambda: LLMEngine(path, config, allow_pickle=args.allow_pickle),
+        served,
+        args.host,
+        args.port,
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from thrifty.engine.llm_engine import LLMEngine
 from thrifty.errors import ThriftyError
-from thrifty.server.async_engine import AsyncEngine
+from thrifty.server.async_engine import AsyncEngine, EngineThread
 from thrifty.server.config import ServerConfig
 from thrifty.server.metrics import Metrics
 from thrifty.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
@@ -38,8 +38,11 @@ STATIC = Path(__file__).parent / "static"
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
 
 
-def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
-    async_engine = AsyncEngine(engine)
+def create_app(
+    engine: LLMEngine, config: ServerConfig, thread: EngineThread | None = None
+) -> FastAPI:
+    """The app, its engine loop on `thread` (the one the engine was loaded on) or a new one."""
+    async_engine = AsyncEngine(engine, thread)
     metrics = Metrics(engine)
     serving = Serving(async_engine, engine.tokenizer, engine.max_model_len, config, metrics)
     responses = Responses(engine.tokenizer, config.model_name)
@@ -258,15 +261,21 @@ def check_address(host: str, port: int) -> None:
         raise ThriftyError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
-def serve(engine: LLMEngine, config: ServerConfig, host: str, port: int) -> None:
-    """Serve until interrupted."""
+def serve(load: Callable[[], LLMEngine], config: ServerConfig, host: str, port: int) -> None:
+    """Load the engine with `load` on the thread that will run it, then serve until interrupted."""
     import uvicorn
 
-    # Touch every KV-cache page now: the prefix cache's LRU reuse walks the whole cache over
-    # time, so a long-running server would reach this footprint anyway; this way its memory is
-    # steady from the start and a short machine fails here, not under load.
-    engine.runner.kv_cache.zero_()
-    app = create_app(engine, config)
+    def ready() -> LLMEngine:
+        engine = load()
+        # Touch every KV-cache page now: the prefix cache's LRU reuse walks the whole cache over
+        # time, so a long-running server would reach this footprint anyway; this way its memory
+        # is steady from the start and a short machine fails here, not under load.
+        engine.runner.kv_cache.zero_()
+        return engine
+
+    thread = EngineThread()
+    engine = thread.call(ready).result()
+    app = create_app(engine, config, thread)
     if config.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"thrifty: warning: {host} is reachable from other machines and no --api-key is"
               " set: anyone who can reach it can use it", file=sys.stderr)  # fmt: skip

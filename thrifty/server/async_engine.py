@@ -7,6 +7,12 @@ thread sleeps on an Event that every command sets.
 
 Test-time scaling jobs (thrifty.tts) run here too: the loop owns a JobSet, hands it every step's
 outputs, and delivers each job, once done, as a JobDone. A job's requests never reach a queue.
+
+The server loads the model on that same thread (EngineThread). With OpenMP, torch's CPU backend,
+every thread that runs a parallel region keeps a team of worker threads for good, and once more
+threads are in teams than there are cores, libgomp's workers sleep between regions instead of
+spinning. A model loaded on the main thread and stepped on another left an idle team behind:
+batch-1 decode of SmolLM2 on 2 cores fell from about 80 to 50 tokens/s.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any
 
 from thrifty.engine.llm_engine import LLMEngine, StepOutput
 from thrifty.engine.sampling_params import SamplingParams
@@ -55,8 +64,36 @@ class JobDone:
 Item = StepOutput | Finished | Failed | JobDone
 
 
+class EngineThread:
+    """One thread that runs the calls given to it, in order: a server's torch work (loading the
+    model, warming it, then the engine loop) all on one thread, so that OpenMP keeps one team.
+    A daemon, unlike ThreadPoolExecutor's workers, so that a loop still running never holds up
+    the process's exit."""
+
+    def __init__(self) -> None:
+        self._calls: SimpleQueue[tuple[Callable[[], Any], Future]] = SimpleQueue()
+        threading.Thread(target=self._serve, name="thrifty-engine", daemon=True).start()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the thread after the calls before it; its result (or error) comes back
+        on the Future."""
+        done: Future = Future()
+        self._calls.put((fn, done))
+        return done
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._calls.get()
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # handed to the caller, on the Future
+                done.set_exception(e)
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, thread: EngineThread | None = None):
+        """`thread`: the thread the engine was loaded on, to run the loop on too (else a new
+        one)."""
         self.engine = engine
         self._commands: deque[tuple] = deque()  # deque appends and pops are thread-safe
         self._wake = threading.Event()
@@ -65,26 +102,28 @@ class AsyncEngine:
         self._job_queues: dict[str, asyncio.Queue[Item]] = {}  # by job id; engine thread only
         self._stopping = False
         self._closing = False
-        self._thread: threading.Thread | None = None
+        self._thread = thread
+        self._running: Future | None = None  # the loop, once started
         self._loop: asyncio.AbstractEventLoop | None = None
         self.num_steps = 0
         self._steps_at_trim = 0
 
     def start(self) -> None:
-        """Start the loop thread; call from the event loop that will read the results."""
+        """Start the loop on its thread; call from the event loop that will read the results."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="thrifty-engine", daemon=True)
-        self._thread.start()
+        self._thread = self._thread or EngineThread()
+        self._running = self._thread.call(self._run)
+        self._running.add_done_callback(_report)
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._running is not None:
+            wait([self._running])
 
     @property
     def alive(self) -> bool:
-        running = self._thread is not None and self._thread.is_alive()
+        running = self._running is not None and not self._running.done()
         return running and not (self._stopping or self._closing)
 
     def add(
@@ -229,6 +268,12 @@ class AsyncEngine:
             out.append((queue, Failed(job_id, status, message)))
         self._job_queues.clear()
         return out
+
+
+def _report(loop: Future) -> None:
+    """The loop ended: if by an error (a bug), print it, as an uncaught one in a thread would be."""
+    if loop.exception() is not None:
+        traceback.print_exception(loop.exception())
 
 
 def _trim_heap() -> None:
