@@ -311,7 +311,10 @@ def test_a_budget_needs_a_thinking_model():
 # -- the engine loop on a scripted engine (test_tts_strategies.FakeEngine) ---------------------
 
 
-def scripted_serving(scripts, thread=None, engine=None) -> tuple[FakeEngine, Serving, Responses]:
+def scripted_serving(
+    scripts=None, *, engine: FakeEngine | None = None, thread: EngineThread | None = None
+) -> tuple[FakeEngine, Serving, Responses]:
+    """A Serving on FakeEngine(scripts), or on `engine`; its loop on `thread` (else a new one)."""
     engine = engine or FakeEngine(scripts)
     config = ServerConfig("fake", max_n=8)
     serving = Serving(AsyncEngine(engine, thread), engine.tokenizer, 1024, config, Metrics(engine))
@@ -331,10 +334,11 @@ def in_loop(serving: Serving, work):
     return asyncio.run(main())
 
 
-def test_jobs_run_in_the_engine_loop_and_vote():
-    engine, serving, _ = scripted_serving({"Q1": answers("42", "7", "42", "9", "42")})
+def vote_in_loop(serving: Serving, n: int) -> dict:
+    """The response body of a self-consistency request of `n` samples on "Q1 x", run through
+    the serving's engine loop."""
     req = CompletionRequest.model_validate(
-        {"prompt": "Q1 x", "test_time_scaling": {"n": 5, "seed": 0}}
+        {"prompt": "Q1 x", "test_time_scaling": {"n": n, "seed": 0}}
     )
 
     async def work():
@@ -342,7 +346,12 @@ def test_jobs_run_in_the_engine_loop_and_vote():
         run.start()
         return await run.full("fake")
 
-    body = in_loop(serving, work)
+    return in_loop(serving, work)
+
+
+def test_jobs_run_in_the_engine_loop_and_vote():
+    engine, serving, _ = scripted_serving({"Q1": answers("42", "7", "42", "9", "42")})
+    body = vote_in_loop(serving, 5)
     info = body["test_time_scaling"]
     assert info["votes"] == {"42": 3.0, "7": 1.0, "9": 1.0} and info["answer"] == "42"
     assert body["choices"][0]["text"].split()[-2:] == ["42", "."]
@@ -361,17 +370,8 @@ def test_the_loop_steps_on_the_thread_that_loaded_the_engine():
     stepped_on = []
     step = engine.step
     engine.step = lambda: stepped_on.append(threading.get_ident()) or step()
-    engine, serving, _ = scripted_serving(None, thread, engine)
-    req = CompletionRequest.model_validate(
-        {"prompt": "Q1 x", "test_time_scaling": {"n": 3, "seed": 0}}
-    )
-
-    async def work():
-        run = serving.completion_scaling(req)
-        run.start()
-        return await run.full("fake")
-
-    assert in_loop(serving, work)["test_time_scaling"]["answer"] == "42"
+    _, serving, _ = scripted_serving(engine=engine, thread=thread)
+    assert vote_in_loop(serving, 3)["test_time_scaling"]["answer"] == "42"
     assert stepped_on and set(stepped_on) == {loaded_on} != {threading.get_ident()}
     # an error comes back to the caller, and the thread goes on taking calls
     with pytest.raises(ThriftyError, match="no such model"):
