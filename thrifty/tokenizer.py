@@ -98,6 +98,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance builds its own from)."""
+        return self._tok.to_str()
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled exactly `text`, if the vocabulary has one."""
+        return self._tok.token_to_id(text)
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

@@ -17,6 +17,7 @@ from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.scheduler import Scheduler
 from thrifty.engine.sequence import Sequence, TokenLogprob
 from thrifty.engine.spec_decode import SpecDecoder
+from thrifty.engine.structured import Grammars
 from thrifty.errors import ThriftyError
 from thrifty.loader.weights import load_model
 from thrifty.tokenizer import Tokenizer
@@ -93,6 +94,11 @@ class LLMEngine:
                     "(DeepSeek-V3's num_nextn_predict_layers); this one has none"
                 )
             self.spec = SpecDecoder(self.runner, self.blocks, config.num_speculative_tokens)
+        self.grammars = Grammars(
+            self.tokenizer.to_json(), self.model_config.vocab_size, self.tokenizer.eos_token_ids
+        )
+        think = tuple(self.tokenizer.token_id(t) for t in ("<think>", "</think>"))
+        self.think_ids: tuple[int, int] | None = None if None in think else think  # type: ignore
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -122,6 +128,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ThriftyError(f"prompt token ids must be in [0, {vocab})")
+        if params.constraint is not None and self.spec is not None:
+            raise ThriftyError("structured output does not work with speculative decoding yet")
+        guides = [self._guide(params, ids) for _ in range(params.n)]
         seqs: list[Sequence] = []
         for i in range(params.n):
             leader = seqs[0] if seqs else None
@@ -130,11 +139,22 @@ class LLMEngine:
                     request_id, i, ids, params, self.tokenizer, self.max_model_len, leader
                 )
             )
-        for seq in seqs:
-            seq.token_hook = token_hook
+        for seq, guide in zip(seqs, guides, strict=True):
+            seq.token_hook, seq.guide = token_hook, guide
             self.scheduler.add(seq)
         self.requests[request_id] = Request(request_id, ids, params, seqs)
         return request_id
+
+    def _guide(self, params: SamplingParams, prompt_ids: list[int]):
+        if params.constraint is None:
+            return None
+        think = self.think_ids
+        # A template that opens the reasoning ends the prompt with <think> (and a newline).
+        tail = prompt_ids[-3:]
+        in_reasoning = (
+            think is not None and think[0] in tail and think[1] not in tail[tail.index(think[0]) :]
+        )
+        return self.grammars.guide(params.constraint, think, in_reasoning)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks."""

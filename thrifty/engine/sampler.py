@@ -25,6 +25,7 @@ import torch
 
 from thrifty import kernels
 from thrifty.engine.sequence import Sequence, TokenLogprob
+from thrifty.engine.structured import mask_logits
 
 
 @dataclass
@@ -51,6 +52,21 @@ class SamplingTensors:
             min_p=col([p.min_p for p in ps]) if any(p.min_p > 0 for p in ps) else None,
             greedy=col([p.greedy for p in ps], torch.bool),
         )
+
+
+def apply_bias_and_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's logit_bias, then the grammar mask of the rows under structured output, in
+    place: every later step (penalties, temperature, truncation, logprobs) sees the result."""
+    for row, seq in enumerate(seqs):
+        if seq.params.logit_bias:
+            ids, bias = zip(*seq.params.logit_bias, strict=True)
+            index = torch.tensor(ids, device=logits.device)
+            logits[row, index] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    rows = [i for i, s in enumerate(seqs) if s.guide is not None and s.guide.constraining]
+    if rows:
+        guides = [seqs[i].guide for i in rows]
+        mask_logits(logits, rows, guides[0].owner.fill(guides))  # type: ignore[union-attr]
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -170,6 +186,8 @@ class Sampler:
         self, logits: torch.Tensor, seqs: list[Sequence]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Choose one token per row of `logits` (B, V) float32; logprobs where asked for."""
+        if any(s.guide is not None or s.params.logit_bias for s in seqs):
+            logits = apply_bias_and_grammars(logits, seqs)
         penalized = any(
             s.params.repetition_penalty != 1
             or s.params.presence_penalty

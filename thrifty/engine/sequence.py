@@ -10,6 +10,7 @@ from enum import Enum, auto
 import torch
 
 from thrifty.engine.sampling_params import SamplingParams
+from thrifty.engine.structured import Guide
 from thrifty.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -54,6 +55,7 @@ class Sequence:
     # step like a prompt chunk, on the same KV cache. Test-time scaling uses it for a
     # thinking budget (thrifty.tts.thinking).
     token_hook: Callable[[Sequence, int], list[int]] | None = None
+    guide: Guide | None = None  # structured output: where the sequence is in its grammar
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -114,13 +116,15 @@ class Sequence:
         stop_token = token_id in p.stop_token_ids or (
             not p.ignore_eos and token_id in eos_token_ids
         )
+        if self.guide is not None:
+            self.guide.accept(token_id)
         if not stop_token:
             self.output_text += self.detokenizer.step(self.token_ids)
             if p.stop and self._truncate_at_stop():
                 self.finish_reason = "stop"
                 return
-        if stop_token:
-            self.finish_reason = "stop"
+        if stop_token or (self.guide is not None and self.guide.done):  # or the grammar is
+            self.finish_reason = "stop"  # complete: nothing but EOS could follow
         elif self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
             self.finish_reason = "length"
 
