@@ -28,14 +28,19 @@ from thrifty.engine.llm_engine import LLMEngine
 from thrifty.errors import ThriftyError
 from thrifty.server.async_engine import AsyncEngine, EngineThread
 from thrifty.server.config import ServerConfig
+from thrifty.server.generation import Generation
 from thrifty.server.metrics import Metrics
 from thrifty.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
 from thrifty.server.responses import Responses
+from thrifty.server.responses_api import ResponsesApi, ResponsesRequest, to_chat
 from thrifty.server.scaling import ScalingRun
 from thrifty.server.serving import Serving
 
 STATIC = Path(__file__).parent / "static"
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+ROUTES = (
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health",
+    "/metrics", "/",
+)  # fmt: skip
 
 
 def create_app(
@@ -44,8 +49,11 @@ def create_app(
     """The app, its engine loop on `thread` (the one the engine was loaded on) or a new one."""
     async_engine = AsyncEngine(engine, thread)
     metrics = Metrics(engine)
-    serving = Serving(async_engine, engine.tokenizer, engine.max_model_len, config, metrics)
+    serving = Serving(
+        async_engine, engine.tokenizer, engine.max_model_len, config, metrics, engine.grammars
+    )
     responses = Responses(engine.tokenizer, config.model_name)
+    responses_api = ResponsesApi(engine.tokenizer, config.model_name)
     started = int(time.time())
 
     @asynccontextmanager
@@ -80,11 +88,30 @@ def create_app(
         finally:
             run.abort()  # frees the blocks at once if the client left; else a no-op
 
+    card = {"id": config.model_name, "object": "model", "created": started,
+            "owned_by": "thrifty", "max_model_len": engine.max_model_len}  # fmt: skip
+
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        card = {"id": config.model_name, "object": "model", "created": started,
-                "owned_by": "thrifty", "max_model_len": engine.max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != config.model_name:
+            raise ApiError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return card
+
+    async def checked(gen: Generation) -> Generation:
+        """The request's grammar compiled off the event loop (a 400 if it is invalid)."""
+        constraint = gen.params[0].constraint
+        if constraint is not None:
+            await anyio.to_thread.run_sync(serving.check_constraint, constraint)
+        return gen
 
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
@@ -93,7 +120,7 @@ def create_app(
         if req.test_time_scaling is not None:
             return await scaled(request, serving.chat_scaling(req), req.stream, usage)
         gen, parsers = serving.chat(req)
-        gen.start(parsers)
+        (await checked(gen)).start(parsers)
         if req.stream:
             return EventStream(responses.chat_stream(gen, req.logprobs, usage), gen.abort)
         try:
@@ -107,13 +134,25 @@ def create_app(
         usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.test_time_scaling is not None:
             return await scaled(request, serving.completion_scaling(req), req.stream, usage)
-        gen = serving.completion(req)
+        gen = await checked(serving.completion(req))
         gen.start()
         want = req.logprobs is not None
         if req.stream:
-            return EventStream(responses.completion_stream(gen, want, usage), gen.abort)
+            return EventStream(responses.completion_stream(gen, want, usage, req.echo), gen.abort)
         try:
-            return await until_disconnect(request, responses.completion_full(gen, want))
+            return await until_disconnect(request, responses.completion_full(gen, want, req.echo))
+        finally:
+            gen.abort()
+
+    @v1.post("/responses")
+    async def responses_route(request: Request) -> Response:
+        req = parse(ResponsesRequest, await read_body(request, config.max_body_bytes))
+        gen, parsers = serving.chat(to_chat(req))
+        (await checked(gen)).start(parsers)
+        if req.stream:
+            return EventStream(responses_api.stream(req, gen), gen.abort)
+        try:
+            return await until_disconnect(request, responses_api.full(req, gen))
         finally:
             gen.abort()
 

@@ -19,15 +19,26 @@ from thrifty.engine.sequence import TokenLogprob
 from thrifty.server.async_engine import Failed, Finished, TokenHook
 from thrifty.server.protocol import ApiError
 from thrifty.server.reasoning import ReasoningParser
+from thrifty.server.tools import ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
     from thrifty.server.serving import Serving
 
 
 @dataclass
+class Parsers:
+    """How one choice's text is split: reasoning first, then tool calls out of the answer."""
+
+    reasoning: ReasoningParser | None = None
+    tools: ToolCallParser | None = None
+
+
+@dataclass
 class Choice:
     index: int
     parser: ReasoningParser | None
+    tools: ToolCallParser | None = None
+    calls: list[ToolCall] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     num_tokens: int = 0
@@ -64,11 +75,11 @@ class Generation:
         self.first_token_time: float | None = None
         self._queued = False
 
-    def start(self, parsers: list[ReasoningParser | None] | None = None) -> None:
-        """Hand the requests to the engine; `parsers`: one per choice, for thinking models."""
+    def start(self, parsers: list[Parsers] | None = None) -> None:
+        """Hand the requests to the engine; `parsers`: one per choice (chat only)."""
         num_choices = len(self.prompts) * self.params[0].n
-        parsers = parsers or [None] * num_choices
-        self.choices = [Choice(i, parsers[i]) for i in range(num_choices)]
+        parsers = parsers or [Parsers() for _ in range(num_choices)]
+        self.choices = [Choice(i, p.reasoning, p.tools) for i, p in enumerate(parsers)]
         serving = self.serving
         serving.num_queued += 1
         self._queued = True

@@ -57,7 +57,7 @@ class ReasoningParser:
                     self._held = self._held[i + len(self.end_tag) :]
                     self.state, self._strip = _State.CONTENT, True
                 else:
-                    keep = _partial_tag_len(self._held, self.end_tag)
+                    keep = partial_tag_len(self._held, self.end_tag)
                     reasoning.append(self._held[: len(self._held) - keep])
                     self._held = self._held[len(self._held) - keep :]
                     break
@@ -87,7 +87,7 @@ def prompt_opens_reasoning(prompt: str, start_tag: str = THINK_START) -> bool:
     return prompt.rstrip().endswith(start_tag)
 
 
-def _partial_tag_len(text: str, tag: str) -> int:
+def partial_tag_len(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):

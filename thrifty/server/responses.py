@@ -52,20 +52,24 @@ class Responses:
 
     async def chat_full(self, gen: Generation, want_logprobs: bool) -> dict[str, Any]:
         async for choice, out in gen.outputs():
-            _take_text(choice, out.delta_text)
+            take_text(choice, out.delta_text)
         for c in gen.choices:
-            _take_text(c, None)
+            take_text(c, None)
         choices = []
         for c in gen.choices:
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
+            text = "".join(c.text)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
             if c.parser is not None and c.parser.opened:
-                message["reasoning_content"] = "".join(c.reasoning)
+                message["reasoning_content"] = message["reasoning"] = "".join(c.reasoning)
+            if c.calls:
+                message["tool_calls"] = [call.openai() for call in c.calls]
+                message["content"] = text if text.strip() else None
             choices.append(
                 {
                     "index": c.index,
                     "message": message,
                     "logprobs": self.chat_logprobs(c.logprobs) if want_logprobs else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish_reason(c),
                 }
             )
         return {
@@ -77,7 +81,17 @@ class Responses:
             "usage": gen.usage(),
         }
 
-    async def completion_full(self, gen: Generation, want_logprobs: bool) -> dict[str, Any]:
+    def echo_text(self, gen: Generation, choice: Choice) -> str:
+        """The prompt of a choice, for `echo`."""
+        prompt = gen.prompts[choice.index // gen.params[0].n]
+        return self.tokenizer.decode(prompt, skip_special_tokens=False)
+
+    async def completion_full(
+        self, gen: Generation, want_logprobs: bool, echo: bool = False
+    ) -> dict[str, Any]:
+        if echo:
+            for c in gen.choices:
+                c.text.append(self.echo_text(gen, c))
         async for choice, out in gen.outputs():
             choice.text.append(out.delta_text)
         return {
@@ -107,25 +121,37 @@ class Responses:
             for c in gen.choices:
                 yield {"choices": [delta(c, {"role": "assistant", "content": ""})]}
             async for c, out in gen.outputs():
-                r, t = _take_text(c, out.delta_text)
+                first_call = len(c.calls)
+                r, t = take_text(c, out.delta_text)
                 if out.finish_reason is not None:
-                    r2, t2 = _take_text(c, None)
+                    r2, t2 = take_text(c, None)
                     r, t = r + r2, t + t2
-                d = {"reasoning_content": r} if r else {}
+                d: dict[str, Any] = {"reasoning_content": r, "reasoning": r} if r else {}
                 if t:
                     d["content"] = t
+                if len(c.calls) > first_call:  # each call whole, as one delta
+                    d["tool_calls"] = [
+                        {"index": i, **call.openai()}
+                        for i, call in enumerate(c.calls[first_call:], first_call)
+                    ]
                 lps = self.chat_logprobs(out.logprobs) if want_logprobs and out.logprobs else None
-                if d or lps or out.finish_reason:
-                    yield {"choices": [delta(c, d, lps, out.finish_reason)]}
+                finish = finish_reason(c) if out.finish_reason is not None else None
+                if d or lps or finish:
+                    yield {"choices": [delta(c, d, lps, finish)]}
 
         head = self._head(gen, "chat.completion.chunk")
         return event_stream(chunks(), head, include_usage, gen.usage, gen.abort)
 
     def completion_stream(
-        self, gen: Generation, want_logprobs: bool, include_usage: bool
+        self, gen: Generation, want_logprobs: bool, include_usage: bool, echo: bool = False
     ) -> AsyncIterator[str]:
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             offsets = [0] * len(gen.choices)
+            for c in gen.choices if echo else []:
+                text = self.echo_text(gen, c)
+                offsets[c.index] = len(text)
+                yield {"choices": [{"index": c.index, "text": text, "logprobs": None,
+                                    "finish_reason": None}]}  # fmt: skip
             async for c, out in gen.outputs():
                 lps = None
                 if want_logprobs and out.logprobs:
@@ -171,16 +197,28 @@ async def event_stream(
     yield "data: [DONE]\n\n"
 
 
-def _take_text(choice: Choice, delta: str | None) -> tuple[str, str]:
-    """Route a delta (None: the end) through the choice's reasoning parser; record both parts."""
+def take_text(choice: Choice, delta: str | None) -> tuple[str, str]:
+    """Route a delta (None: the end) through the choice's reasoning parser, then the answer
+    through its tool-call parser; record the reasoning, the text and the calls."""
     if choice.parser is None:
-        text = delta or ""
-        choice.text.append(text)
-        return "", text
-    r, t = choice.parser.finish() if delta is None else choice.parser.feed(delta)
+        r, t = "", delta or ""
+    else:
+        r, t = choice.parser.finish() if delta is None else choice.parser.feed(delta)
+    if choice.tools is not None:
+        t, calls = choice.tools.feed(t)
+        if delta is None:
+            t2, calls2 = choice.tools.finish()
+            t, calls = t + t2, calls + calls2
+        choice.calls += calls
     choice.reasoning.append(r)
     choice.text.append(t)
     return r, t
+
+
+def finish_reason(choice: Choice) -> str | None:
+    if choice.calls and choice.finish_reason == "stop":
+        return "tool_calls"
+    return choice.finish_reason
 
 
 def _finite(x: float) -> float:

@@ -11,10 +11,11 @@ from dataclasses import replace
 from typing import Any
 
 from thrifty.engine.sampling_params import SamplingParams
+from thrifty.engine.structured import Constraint, Grammars
 from thrifty.errors import ThriftyError
 from thrifty.server.async_engine import AsyncEngine
 from thrifty.server.config import ServerConfig
-from thrifty.server.generation import Generation
+from thrifty.server.generation import Generation, Parsers
 from thrifty.server.metrics import Metrics
 from thrifty.server.protocol import (
     ApiError,
@@ -25,11 +26,15 @@ from thrifty.server.protocol import (
 )
 from thrifty.server.reasoning import THINK_END, THINK_START, ReasoningParser, prompt_opens_reasoning
 from thrifty.server.scaling import ScalingRun, scaling_config
+from thrifty.server.structured import ToolSetup, answer_constraint, chat_constraint
+from thrifty.server.tools import ToolCallParser, ToolFormat
 from thrifty.tokenizer import Tokenizer
 from thrifty.tts import ThinkingBudget
 
 MAX_STOP_STRINGS = 16
-_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
+_RESERVED_TEMPLATE_KWARGS = {
+    "messages", "add_generation_prompt", "bos_token", "eos_token", "tools"
+}  # fmt: skip
 
 
 class Serving:
@@ -42,9 +47,11 @@ class Serving:
         max_model_len: int,
         config: ServerConfig,
         metrics: Metrics,
+        grammars: Grammars,
     ):
         self.engine, self.tokenizer, self.max_model_len = engine, tokenizer, max_model_len
-        self.config, self.metrics = config, metrics
+        self.config, self.metrics, self.grammars = config, metrics, grammars
+        self.tool_format = ToolFormat.detect(tokenizer.chat_template)
         self.num_queued = 0  # requests waiting for their first token (event-loop thread only)
         encode = tokenizer.encode
         self.thinks = all(
@@ -69,8 +76,34 @@ class Serving:
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
 
+    def check_constraint(self, constraint: Constraint | None) -> None:
+        """Compile a request's grammar (slow for a large schema: call it off the event loop);
+        a 400 if it is invalid."""
+        if constraint is None:
+            return
+        try:
+            self.grammars.check(constraint)
+        except ThriftyError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+
+    def _logit_bias(self, req: SamplingRequest) -> tuple[tuple[int, float], ...]:
+        out = []
+        vocab = self.tokenizer.vocab_size
+        for key, bias in (req.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab:
+                raise ApiError(400, f"logit_bias keys must be token ids in [0, {vocab}): {key!r}",
+                               param="logit_bias")  # fmt: skip
+            out.append((int(key), bias))
+        return tuple(out)
+
     def _params(
-        self, req: SamplingRequest, prompts: list[list[int]], max_tokens: int | None, logprobs
+        self,
+        req: SamplingRequest,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs,
+        constraint: Constraint | None = None,
+        skip_special_tokens: bool = True,
     ) -> list[SamplingParams]:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
@@ -90,6 +123,9 @@ class Serving:
                 stop=tuple(stop),
                 logprobs=logprobs,
                 ignore_eos=req.ignore_eos,
+                constraint=constraint,
+                logit_bias=self._logit_bias(req),
+                skip_special_tokens=skip_special_tokens,
             )
         except ThriftyError as e:
             raise ApiError(400, str(e)) from None
@@ -135,28 +171,43 @@ class Serving:
             out.append(ids)
         return out
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    def _chat_prompt(
+        self, req: ChatCompletionRequest, tools: ToolSetup | None = None
+    ) -> tuple[str, list[int]]:
         self._check_common(req)
-        prompt = render_chat(self.tokenizer, req)
+        prompt = render_chat(self.tokenizer, req, self.tool_format, tools or ToolSetup.of(req))
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote them
         return prompt, ids
 
-    def chat(self, req: ChatCompletionRequest) -> tuple[Generation, list[ReasoningParser | None]]:
-        prompt, ids = self._chat_prompt(req)
+    def chat(self, req: ChatCompletionRequest) -> tuple[Generation, list[Parsers]]:
+        tools = ToolSetup.of(req)
+        prompt, ids = self._chat_prompt(req, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = self._params(req, [ids], max_tokens, logprobs)
+        fmt = self.tool_format
+        constraint = chat_constraint(answer_constraint(req), tools, fmt, self.tokenizer)
+        keep_special = tools.active and fmt.uses_special_tokens  # the markers are special tokens
+        params = self._params(
+            req, [ids], max_tokens, logprobs, constraint, skip_special_tokens=not keep_special
+        )
         hook = self._thinking_budget(req.max_thinking_tokens, req.min_thinking_tokens or 0)
         opened = prompt_opens_reasoning(prompt)
-        parsers = [ReasoningParser(opened) if self.thinks else None for _ in range(req.n)]
+        parsers = [
+            Parsers(
+                ReasoningParser(opened) if self.thinks else None,
+                ToolCallParser(fmt) if tools.active else None,
+            )
+            for _ in range(req.n)
+        ]
         return Generation(self, [ids], params, "chatcmpl", hook), parsers
 
     def completion(self, req: CompletionRequest) -> Generation:
         self._check_common(req)
         prompts = self._completion_prompts(req)
-        params = self._params(req, prompts, req.max_tokens or 16, req.logprobs)
+        constraint = answer_constraint(req)
+        params = self._params(req, prompts, req.max_tokens or 16, req.logprobs, constraint)
         return Generation(self, prompts, params, "cmpl")
 
     def _thinking_budget(self, max_tokens: int | None, min_tokens: int) -> ThinkingBudget | None:
@@ -199,16 +250,22 @@ class Serving:
         return self._scaling(req, prompts[0], "cmpl", None)
 
 
-def render_chat(tokenizer: Tokenizer, req: ChatCompletionRequest) -> str:
-    """The prompt text for a chat request; `chat_template_kwargs` go to the template."""
+def render_chat(
+    tokenizer: Tokenizer, req: ChatCompletionRequest, fmt: ToolFormat, tools: ToolSetup
+) -> str:
+    """The prompt text for a chat request: messages and tools as the model's template takes
+    them; `chat_template_kwargs` go to the template."""
     kwargs = dict(req.chat_template_kwargs or {})
     if bad := _RESERVED_TEMPLATE_KWARGS & kwargs.keys():
         raise ApiError(
             400, f"chat_template_kwargs may not set {sorted(bad)}", param="chat_template_kwargs"
         )
     messages = [_template_message(m) for m in req.messages]
+    messages, tool_kwargs = fmt.render(messages, tools.tools if tools.active else None)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, **tool_kwargs, **kwargs
+        )
     except ThriftyError as e:
         raise ApiError(400, str(e), param="messages") from None
 
@@ -234,4 +291,6 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
         out["name"] = m.name
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     return out
