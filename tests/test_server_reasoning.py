@@ -135,7 +135,12 @@ def serving(smollm2_fp32):
     engine = smollm2_fp32.engine
     config = ServerConfig("thinker")
     serving = Serving(
-        AsyncEngine(engine), engine.tokenizer, engine.max_model_len, config, Metrics(engine)
+        AsyncEngine(engine),
+        engine.tokenizer,
+        engine.max_model_len,
+        config,
+        Metrics(engine),
+        engine.grammars,
     )
     return serving, Responses(engine.tokenizer, config.model_name)
 

@@ -45,6 +45,10 @@ class ApiError(Exception):
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
+
+class Lenient(Strict):
+    """An OpenAI object: null is the same as leaving a field out."""
+
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
@@ -64,7 +68,7 @@ IGNORED = frozenset(
 )  # fmt: skip
 
 
-class OpenAIRequest(Strict):
+class OpenAIRequest(Lenient):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignored(cls, data: Any) -> Any:
@@ -73,28 +77,28 @@ class OpenAIRequest(Strict):
         return data
 
 
-class StreamOptions(Strict):
+class StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class ContentPart(Strict):
+class ContentPart(Lenient):
     model_config = ConfigDict(extra="allow", strict=True)  # image_url etc.: refused by type
     type: str
     text: str | None = None
 
 
-class FunctionCall(Strict):
+class FunctionCall(Lenient):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCallMessage(Strict):
+class ToolCallMessage(Lenient):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(Strict):
+class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # accepted from clients that echo it; never fed back
@@ -107,40 +111,40 @@ class ChatMessage(Strict):
     function_call: dict[str, Any] | None = None  # OpenAI's legacy field; the same
 
 
-class FunctionDefinition(Strict):
+class FunctionDefinition(Lenient):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(Strict):
+class ToolDefinition(Lenient):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class ToolChoiceFunction(Strict):
+class ToolChoiceFunction(Lenient):
     name: str
 
 
-class NamedToolChoice(Strict):
+class NamedToolChoice(Lenient):
     type: Literal["function"]
     function: ToolChoiceFunction
 
 
-class JsonSchemaFormat(Strict):
+class JsonSchemaFormat(Lenient):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(Strict):
+class ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(Strict):
+class StructuredOutputs(Lenient):
     """Beyond OpenAI, as vLLM: exactly one of these constrains the output."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")

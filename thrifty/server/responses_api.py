@@ -17,12 +17,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from thrifty.server.generation import Choice, Generation
-from thrifty.server.protocol import ApiError, ChatCompletionRequest, OpenAIRequest, Strict
+from thrifty.server.protocol import ApiError, ChatCompletionRequest, Lenient, OpenAIRequest
 from thrifty.server.responses import take_text
 from thrifty.tokenizer import Tokenizer
 
 
-class TextOptions(Strict):
+class TextOptions(Lenient):
     format: dict[str, Any] | None = None
     verbosity: str | None = None  # accepted; changes nothing here
 

@@ -47,10 +47,11 @@ class Serving:
         max_model_len: int,
         config: ServerConfig,
         metrics: Metrics,
-        grammars: Grammars,
+        grammars: Grammars | None = None,
     ):
         self.engine, self.tokenizer, self.max_model_len = engine, tokenizer, max_model_len
-        self.config, self.metrics, self.grammars = config, metrics, grammars
+        self.config, self.metrics = config, metrics
+        self._grammars = grammars  # the engine's; built here on first use where none was given
         self.tool_format = ToolFormat.detect(tokenizer.chat_template)
         self.num_queued = 0  # requests waiting for their first token (event-loop thread only)
         encode = tokenizer.encode
@@ -81,8 +82,11 @@ class Serving:
         a 400 if it is invalid."""
         if constraint is None:
             return
+        if self._grammars is None:
+            tok = self.tokenizer
+            self._grammars = Grammars(tok.to_json(), tok.vocab_size, tok.eos_token_ids)
         try:
-            self.grammars.check(constraint)
+            self._grammars.check(constraint)
         except ThriftyError as e:
             raise ApiError(400, str(e), param="response_format") from None
 
@@ -175,7 +179,7 @@ class Serving:
         self, req: ChatCompletionRequest, tools: ToolSetup | None = None
     ) -> tuple[str, list[int]]:
         self._check_common(req)
-        prompt = render_chat(self.tokenizer, req, self.tool_format, tools or ToolSetup.of(req))
+        prompt = render_chat(self.tokenizer, req, self.tool_format, tools)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote them
         return prompt, ids
 
@@ -251,10 +255,16 @@ class Serving:
 
 
 def render_chat(
-    tokenizer: Tokenizer, req: ChatCompletionRequest, fmt: ToolFormat, tools: ToolSetup
+    tokenizer: Tokenizer,
+    req: ChatCompletionRequest,
+    fmt: ToolFormat | None = None,
+    tools: ToolSetup | None = None,
 ) -> str:
     """The prompt text for a chat request: messages and tools as the model's template takes
-    them; `chat_template_kwargs` go to the template."""
+    them (in `fmt`, by default the one its template uses); `chat_template_kwargs` go to the
+    template."""
+    fmt = fmt or ToolFormat.detect(tokenizer.chat_template)
+    tools = tools or ToolSetup.of(req)
     kwargs = dict(req.chat_template_kwargs or {})
     if bad := _RESERVED_TEMPLATE_KWARGS & kwargs.keys():
         raise ApiError(

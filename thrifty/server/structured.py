@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from llguidance import gbnf_to_lark
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 from thrifty.engine.structured import Constraint, json_schema_lark
 from thrifty.server.protocol import (
@@ -62,11 +62,9 @@ def answer_constraint(req: SamplingRequest) -> Constraint | None:
 
 def _lark(grammar: str) -> str:
     """A grammar as Lark: GBNF (llama.cpp's `root ::= ...`) is converted."""
-    if "::=" not in grammar:
-        return grammar
     try:
-        return gbnf_to_lark(grammar)
-    except Exception as e:  # the converter raises plain Exceptions for bad input
+        return any_to_lark(grammar)
+    except GbnfToLarkError as e:
         raise ApiError(400, f"invalid grammar: {e}", param="structured_outputs.grammar") from None
 
 

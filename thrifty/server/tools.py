@@ -64,7 +64,7 @@ class ToolFormat:
     def detect(template: str) -> ToolFormat:
         has_tools = "tools" in template
         if CALL_BEGIN in template:
-            v3 = f"function{SEP}" in template or "'function' + '" in template
+            v3 = "```json" in template  # V3 wraps the arguments in a json code block
             return ToolFormat("deepseek_v3" if v3 else "deepseek_v31", has_tools)
         return ToolFormat("hermes", has_tools and "<tool_call>" in template)
 
@@ -272,6 +272,6 @@ class ToolCallParser:
         if (call := self.fmt.parse_call(held)) is not None:
             self.calls.append(call)
             return "", [call]
-        tail = held.replace(CALLS_END, "").strip()
-        unfinished = tail.startswith(("<tool_call>", CALL_BEGIN, CALLS_BEGIN))
-        return ("" if unfinished else tail), []
+        tail = held.replace(CALLS_END, "")
+        unfinished = tail.lstrip().startswith(("<tool_call>", CALL_BEGIN, CALLS_BEGIN))
+        return ("" if unfinished or not tail.strip() else tail), []
