@@ -14,6 +14,25 @@ from thrifty.errors import ThriftyError
 from thrifty.tts import cli as tts_cli
 
 
+def _int_in(low: int, high: int | None, what: str):
+    """An argparse type: an integer from `low` to `high`, refused at parsing otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+_port = _int_in(0, 65535, "0 to 65535")
+_positive = _int_in(1, None, "positive")
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
@@ -82,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument(
         "--api-key",
         default=os.environ.get("THRIFTY_API_KEY"),
@@ -111,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="requests waiting for a first token before new ones get a 429 (default 256)",
     )
-    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 4 MiB)")
+    p.add_argument("--max-body-bytes", type=_positive, help="request body limit (default 4 MiB)")
     return parser
 
 

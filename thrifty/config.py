@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.files import read_json_object
 from thrifty.quant.fp8 import Fp8Config
 
 SUPPORTED_ARCHITECTURES = (
@@ -26,6 +26,50 @@ SUPPORTED_ARCHITECTURES = (
 )
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# Upper bounds far beyond any released model (the largest vocabulary today is 262k, the most
+# layers 126): a config past them is corrupt or hostile, and is refused before anything sized by
+# it is allocated. The context length has none: what it sizes is bounded by the KV cache.
+MAX_SIZES = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20,
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "kv_lora_rank": 1 << 14,
+    "q_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 1 << 12,
+    "qk_rope_head_dim": 1 << 12,
+    "v_head_dim": 1 << 12,
+    "n_routed_experts": 1 << 14,
+    "num_experts_per_tok": 1 << 14,
+    "n_shared_experts": 1 << 10,
+    "num_nextn_predict_layers": 1 << 4,
+}
+
+
+def size_field(cfg: dict[str, Any], key: str, default: Any = None, minimum: int = 1) -> int:
+    """cfg[key] as a size: an integer from `minimum` (1 or 0) up to MAX_SIZES[key]; `default`
+    when absent or null."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise ThriftyError(f"{key} is missing")
+        value = default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ThriftyError(f"{key} must be an integer, got {value!r}")
+    if value < minimum:
+        least = "positive" if minimum else "zero or more"
+        raise ThriftyError(f"{key} must be {least}, got {value}")
+    limit = MAX_SIZES.get(key)
+    if limit is not None and value > limit:
+        raise ThriftyError(f"{key} is {value:,}, more than the {limit:,} thrifty accepts")
+    return value
 
 
 @dataclass(frozen=True)
@@ -158,22 +202,28 @@ class ModelConfig:
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         try:
-            num_heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
+            hidden = size_field(cfg, "hidden_size")
+            num_heads = size_field(cfg, "num_attention_heads")
+            num_kv_heads = size_field(cfg, "num_key_value_heads", num_heads)
+            if num_heads % num_kv_heads:
+                raise ThriftyError(
+                    f"num_attention_heads ({num_heads}) is not a multiple of "
+                    f"num_key_value_heads ({num_kv_heads})"
+                )
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             qwen2 = arch == "Qwen2ForCausalLM"
             return ModelConfig(
                 architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
+                vocab_size=size_field(cfg, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
+                intermediate_size=size_field(cfg, "intermediate_size"),
+                num_layers=size_field(cfg, "num_hidden_layers"),
                 num_heads=num_heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+                num_kv_heads=num_kv_heads,
+                head_dim=size_field(cfg, "head_dim", max(hidden // num_heads, 1)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                max_position_embeddings=size_field(cfg, "max_position_embeddings", 2048),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope=RopeConfig.from_hf(cfg),
                 qkv_bias=qwen2 or bool(cfg.get("attention_bias", False)),
@@ -192,13 +242,13 @@ class ModelConfig:
     @staticmethod
     def from_dir(path: Path) -> ModelConfig:
         config_path = Path(path) / "config.json"
+        if not config_path.is_symlink() and not config_path.exists():
+            raise ThriftyError(f"no config.json in {path}")
+        cfg = read_json_object(config_path)
         try:
-            cfg = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise ThriftyError(f"no config.json in {path}") from None
-        except json.JSONDecodeError as e:
-            raise ThriftyError(f"{config_path} is not valid JSON: {e}") from None
-        return ModelConfig.from_hf(cfg)
+            return ModelConfig.from_hf(cfg)
+        except ThriftyError as e:  # name the file: it is what the user has to fix
+            raise ThriftyError(f"{config_path}: {e}") from None
 
 
 def _quantization_from_hf(q: dict[str, Any] | None) -> Fp8Config | None:
@@ -209,13 +259,12 @@ def _deepseek_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSeek-V2/V3 fields. V3 defaults to sigmoid scores with a bias-corrected grouped top-k;
     V2 to softmax. V2 either renormalises the top-k weights or scales them, never both."""
     v3 = arch == "DeepseekV3ForCausalLM"
-    q_lora = cfg.get("q_lora_rank")
     mla = MLAConfig(
-        kv_lora_rank=int(cfg["kv_lora_rank"]),
-        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-        v_head_dim=int(cfg["v_head_dim"]),
-        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=size_field(cfg, "kv_lora_rank"),
+        qk_nope_head_dim=size_field(cfg, "qk_nope_head_dim"),
+        qk_rope_head_dim=size_field(cfg, "qk_rope_head_dim"),
+        v_head_dim=size_field(cfg, "v_head_dim"),
+        q_lora_rank=size_field(cfg, "q_lora_rank") if cfg.get("q_lora_rank") else None,
         rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
     )
     moe = None
@@ -224,10 +273,10 @@ def _deepseek_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
         scaling = float(cfg.get("routed_scaling_factor") or 1.0)
         topk_method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
         moe = MoEConfig(
-            num_experts=int(cfg["n_routed_experts"]),
-            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
-            moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-            num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            num_experts=size_field(cfg, "n_routed_experts"),
+            num_experts_per_tok=size_field(cfg, "num_experts_per_tok"),
+            moe_intermediate_size=size_field(cfg, "moe_intermediate_size"),
+            num_shared_experts=size_field(cfg, "n_shared_experts", 0, minimum=0),
             scoring_func=cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
             topk_method=topk_method,
             n_group=int(cfg.get("n_group") or 1),
@@ -243,7 +292,8 @@ def _deepseek_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
             raise ThriftyError(f"unsupported MoE topk_method {topk_method!r}")
         if moe.num_experts % moe.n_group:
             raise ThriftyError(f"n_routed_experts {moe.num_experts} is not a multiple of n_group")
-    mtp = int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0)
+    mtp_key = "num_nextn_predict_layers" if "num_nextn_predict_layers" in cfg else "num_mtp_layers"
+    mtp = size_field(cfg, mtp_key, 0, minimum=0)
     return {"mla": mla, "moe": moe, "num_mtp_layers": mtp if v3 else 0}
 
 

@@ -236,7 +236,8 @@ def resolve(spec: str | None, *, progress: bool = True) -> Path:
 
 
 def _resolve_dir(path: Path, *, progress: bool) -> Path:
-    if (path / "config.json").is_file():
+    config = path / "config.json"
+    if config.exists() or config.is_symlink():  # a bad one (a loop, a FIFO) is refused on reading
         return path
     ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
     if len(ggufs) == 1:

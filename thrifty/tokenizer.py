@@ -17,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from thrifty.errors import ThriftyError
+from thrifty.files import read_json_object, read_text
 
 # Used when a checkpoint ships no chat template.
 CHATML_TEMPLATE = (
@@ -71,20 +72,24 @@ class Tokenizer:
     def from_dir(path: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.exists():
+        if not _present(tokenizer_file):
             raise ThriftyError(f"no tokenizer.json in {path}")
+        text = read_text(tokenizer_file)
         try:
-            tok = HFTokenizer.from_file(str(tokenizer_file))
+            tok = HFTokenizer.from_str(text)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ThriftyError(f"cannot read {tokenizer_file}: {e}") from None
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config = read_json_object(config_file) if _present(config_file) else {}
         template_file = path / "chat_template.jinja"
-        if template_file.exists():
-            config["chat_template"] = template_file.read_text()
+        if _present(template_file):
+            config["chat_template"] = read_text(template_file)
+        _check_tokenizer_config(config, config_file)
         gen_file = path / "generation_config.json"
-        if gen_file.exists():
-            eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if _present(gen_file):
+            eos = read_json_object(gen_file).get("eos_token_id")
+            if not _is_token_ids(eos):
+                raise ThriftyError(f"{gen_file}: eos_token_id must be token ids, got {eos!r}")
             eos_token_ids += tuple(eos) if isinstance(eos, list) else ((eos,) if eos else ())
         return Tokenizer(tok, config, eos_token_ids)
 
@@ -126,6 +131,41 @@ class Tokenizer:
             )
         except (TemplateError, TypeError) as e:  # TypeError: e.g. a message whose content is None
             raise ThriftyError(f"chat template failed: {e}") from None
+        except RecursionError:  # a macro that calls itself
+            raise ThriftyError("chat template recursed too deeply") from None
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` names something, even a dangling link or a loop (read_* then says what)."""
+    return path.is_symlink() or path.exists()
+
+
+def _is_token_ids(value: Any) -> bool:
+    def is_id(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    return value is None or is_id(value) or (isinstance(value, list) and all(map(is_id, value)))
+
+
+def _check_tokenizer_config(config: dict[str, Any], path: Path) -> None:
+    """The fields Tokenizer reads have the types it reads them as (a checkpoint's file may not)."""
+    for name in ("bos_token", "eos_token"):
+        token = config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise ThriftyError(f"{path}: {name} must be a string, got {config[name]!r}")
+    template = config.get("chat_template")
+    named = isinstance(template, list) and all(
+        isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and isinstance(t.get("template"), str)
+        for t in template
+    )
+    if template is not None and not isinstance(template, str) and not named:
+        raise ThriftyError(
+            f"{path}: chat_template must be a string or a list of {{name, template}} objects"
+        )
 
 
 class IncrementalDetokenizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from thrifty.config import EngineConfig, ModelConfig
 from thrifty.engine.block_manager import NULL_BLOCK
 from thrifty.engine.sampler import Sampler
 from thrifty.engine.sequence import Sequence, TokenLogprob
+from thrifty.errors import ThriftyError
 from thrifty.models.attention import build_metadata, forward_context
 
 
@@ -24,7 +26,39 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, model: nn.Module | 
     """
     if model is not None and hasattr(model, "kv_cache_layout"):
         return math.prod(model.kv_cache_layout()) * dtype.itemsize
+    if cfg.mla is not None:  # before the model exists: the main layers' latents, no MTP layers
+        return cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * dtype.itemsize
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def num_kv_blocks(config: EngineConfig, bytes_per_token: int) -> int:
+    """KV-cache blocks: --num-kv-blocks, else as many as --kv-cache-memory-bytes holds."""
+    block_bytes = bytes_per_token * config.block_size
+    return config.num_kv_blocks or max(config.kv_cache_memory_bytes // block_bytes, 1)
+
+
+def check_kv_cache_fits(config: EngineConfig, bytes_per_token: int) -> None:
+    """Refuse, before anything is loaded, a KV cache larger than the device's whole memory."""
+    need = num_kv_blocks(config, bytes_per_token) * config.block_size * bytes_per_token
+    have = device_memory_bytes(config.device)
+    if have is not None and need > have:
+        raise ThriftyError(
+            f"the KV cache would take {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} "
+            f"GiB of memory of {config.device!r}; lower --kv-cache-memory-bytes or --num-kv-blocks"
+        )
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """The total memory of a CPU (physical RAM) or CUDA device; None where unknown."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    if kind == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return None
 
 
 @dataclass
@@ -66,10 +100,9 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        block_bytes = kv_bytes_per_token(cfg, config.dtype, model) * config.block_size
-        self.num_blocks = config.num_kv_blocks or max(
-            config.kv_cache_memory_bytes // block_bytes, 1
-        )
+        bytes_per_token = kv_bytes_per_token(cfg, config.dtype, model)
+        check_kv_cache_fits(config, bytes_per_token)
+        self.num_blocks = num_kv_blocks(config, bytes_per_token)
         if hasattr(model, "kv_cache_layout"):
             # The model's own layout: (layer, block, slot, *per-token shape), a view per layer.
             layers, *per_token = model.kv_cache_layout()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
-from thrifty.loader.checkpoint import checkpoint_files, iter_tensors
+from thrifty.files import read_json_object
+from thrifty.loader.checkpoint import check_safetensors, checkpoint_files, iter_tensors
 from thrifty.loader.fp8 import HIGH_PRECISION
 from thrifty.models import model_class
 from thrifty.models.layers import Linear
@@ -37,15 +39,11 @@ def quantize_checkpoint(
     src, dst = Path(src), Path(dst)
     if scale_fmt not in fp8.SCALE_FMTS:
         raise ThriftyError(f"unknown scale format {scale_fmt!r} (choose from ue8m0, float)")
-    cfg_path = src / "config.json"
-    if not cfg_path.exists():
-        raise ThriftyError(f"no config.json in {src}")
-    hf = json.loads(cfg_path.read_text())
+    cfg = ModelConfig.from_dir(src)
+    hf = read_json_object(src / "config.json")
     if hf.get("quantization_config"):
         raise ThriftyError(f"{src} is already quantized ({hf['quantization_config']})")
-    if dst.exists() and any(dst.iterdir()):
-        raise ThriftyError(f"{dst} exists and is not empty")
-    cfg = ModelConfig.from_hf(hf)
+    _check_destination(dst)
     with torch.device("meta"):  # the loader's view of the weights, without memory
         model = model_class(cfg)(cfg)
     linear = _linear_weight_names(model)
@@ -53,7 +51,6 @@ def quantize_checkpoint(
     files = checkpoint_files(src)
     num_tensors = _count_tensors(files)
 
-    dst.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     bar = tqdm(
@@ -86,6 +83,23 @@ def quantize_checkpoint(
     return dst
 
 
+def _check_destination(dst: Path) -> None:
+    """Create `dst` (or take it, empty) and make sure it can be written, before any work."""
+    if dst.exists() and not dst.is_dir():
+        raise ThriftyError(f"{dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise ThriftyError(f"{dst} exists and is not empty")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # under a file, a read-only file system, no permission
+        raise ThriftyError(f"cannot create {dst}: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=dst):
+            pass
+    except OSError as e:
+        raise ThriftyError(f"cannot write to {dst}: {e.strerror or e}") from None
+
+
 def _linear_weight_names(model: torch.nn.Module) -> set[str]:
     """Checkpoint names of the weights the loader runs as Linear: merged targets are split
     back into their checkpoint shards (qkv_proj -> q_proj, k_proj, v_proj)."""
@@ -108,6 +122,7 @@ def _count_tensors(files: list[Path]) -> int:
     total = 0
     for f in files:
         if f.suffix == ".safetensors":
+            check_safetensors(f)
             with safe_open(f, framework="pt") as st:
                 total += len(st.keys())
     return total or None  # type: ignore[return-value]
