@@ -12,7 +12,12 @@ import torch
 
 from thrifty.config import EngineConfig, ModelConfig
 from thrifty.engine.block_manager import BlockManager
-from thrifty.engine.model_runner import ModelRunner
+from thrifty.engine.model_runner import (
+    ModelRunner,
+    check_kv_cache_fits,
+    kv_bytes_per_token,
+    num_kv_blocks,
+)
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.scheduler import Scheduler
 from thrifty.engine.sequence import Sequence, TokenLogprob
@@ -63,15 +68,23 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.path = Path(path)
-        self.model_config = ModelConfig.from_dir(self.path)
-        self.tokenizer = Tokenizer.from_dir(self.path, self.model_config.eos_token_ids)
+        self.model_config = cfg = ModelConfig.from_dir(self.path)
+        # Sized from the engine config before anything is loaded: a KV cache past the device's
+        # memory is refused, and the rotary table covers the context served, which the KV cache
+        # bounds, not the checkpoint's max_position_embeddings (MTP layers only shrink the cache).
+        bytes_per_token = kv_bytes_per_token(cfg, config.dtype)
+        check_kv_cache_fits(config, bytes_per_token)
+        capacity = num_kv_blocks(config, bytes_per_token) * config.block_size
+        context = min(config.max_model_len or cfg.max_position_embeddings, capacity)
+        self.tokenizer = Tokenizer.from_dir(self.path, cfg.eos_token_ids)
         model = load_model(
             self.path,
-            self.model_config,
+            cfg,
             dtype=config.dtype,
             device=config.device,
             allow_pickle=allow_pickle,
             quantization=config.quantization,
+            max_positions=context,
         )
         if not config.num_speculative_tokens and getattr(model, "num_mtp_layers", 0):
             model.drop_mtp()  # only a draft: without speculation, no weights and no cache layer

@@ -44,11 +44,13 @@ def load_model(
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
     quantization: str | None = None,
+    max_positions: int | None = None,
 ) -> nn.Module:
     """Build the model for `cfg` without initialising it and fill it from the checkpoint.
 
     FP8 weights with block scales load as they are (loader/fp8.py); `quantization="fp8"`
-    quantizes the other linear weights on load.
+    quantizes the other linear weights on load. The rotary table covers `max_positions`
+    (default: the model's max_position_embeddings).
     """
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
@@ -123,9 +125,9 @@ def load_model(
     fp8_weights.attach()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if getattr(model, "packs_weights", False):
+    if getattr(model, "packs_weights", False) and torch.device(device).type == "cpu":
         pack_linears(model)  # bf16 CPU weights only; others keep the checkpoint's layout
-    model.rotary_emb.to(device)
+    model.rotary_emb.build(max_positions or cfg.max_position_embeddings, device)
     release_freed_memory()
     return model.eval()
 

@@ -90,10 +90,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        with torch.device("cpu"):
-            self.rotary_emb = RotaryEmbedding(
-                cfg.rope, cfg.mla.qk_rope_head_dim, cfg.max_position_embeddings
-            )
+        self.rotary_emb = RotaryEmbedding(
+            cfg.rope, cfg.mla.qk_rope_head_dim, cfg.max_position_embeddings
+        )
 
     # -- the contract with the loader and the model runner --
 

@@ -178,16 +178,31 @@ def _yarn_inv_freq(
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the rotate-half (GPT-NeoX) layout, from a cos/sin table."""
+    """Rotary position embedding in the rotate-half (GPT-NeoX) layout, from a cos/sin table.
+
+    The table covers positions [0, max_positions). Made on the meta device (the loader builds
+    models there) it takes no memory: `build` then sizes it for the context actually served, not
+    for the checkpoint's claimed max_position_embeddings.
+    """
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
         super().__init__()
+        self.rope = rope
         self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
-        inv_freq, scale = rope_inv_freq(rope, self.rotary_dim)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (P, rotary_dim / 2)
-        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
-        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        self.build(max_positions, torch.get_default_device())
+
+    def build(self, max_positions: int, device: torch.device | str = "cpu") -> None:
+        """Make the cos/sin table for positions [0, max_positions) on `device`."""
+        if torch.device(device).type == "meta":
+            cos = sin = torch.empty(max_positions, self.rotary_dim // 2, device="meta")
+        else:
+            with torch.device("cpu"):
+                inv_freq, scale = rope_inv_freq(self.rope, self.rotary_dim)
+                t = torch.arange(max_positions, dtype=torch.float32)
+                freqs = torch.outer(t, inv_freq)  # (P, rotary_dim / 2)
+                cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The angles of `positions` (N,), looked up once per forward for every layer."""

@@ -107,8 +107,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        with torch.device("cpu"):
-            self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
 
     def packed_modules(self) -> dict[str, list[tuple[str, int]]]:
         """Merged parameters: target suffix -> [(checkpoint suffix, rows along dim 0)]."""
