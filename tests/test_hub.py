@@ -257,6 +257,7 @@ def fake_converter(monkeypatch):
         out_dir.mkdir()
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_bytes(b"\0" * 100)
+        (out_dir / hub.CONVERTED_MARKER).write_text("")  # the real one writes it once it loads
         return out_dir
 
     module = types.ModuleType("thrifty.loader.gguf")

@@ -3,7 +3,8 @@
 Everything lives under `home()`:
 
     models/<name>/<file>.gguf          pulled registry models (+ `<file>.gguf.sha256` marker)
-    converted/<stem>-<key>/            HF-style directories converted from a GGUF file
+    converted/<stem>-<key>/            HF-style directories converted from a GGUF file, each
+                                       complete and loadable once it holds CONVERTED_MARKER
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,9 @@ from thrifty.errors import ThriftyError
 
 # Bump when thrifty.loader.gguf.convert_gguf changes what it writes: old converted dirs are ignored.
 CONVERTED_FORMAT = 1
+# Written last into a converted directory, once it loaded: a directory without it is not a model
+# (convert() converts it again, cached_models() calls it unusable).
+CONVERTED_MARKER = "thrifty-converted.json"
 
 _CHUNK_BYTES = 1 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -48,7 +53,9 @@ class RegistryModel:
 @dataclass(frozen=True)
 class CachedModel:
     name: str
-    kind: str  # "registry" (a pulled .gguf) or "converted" (an HF-style directory)
+    # "registry" (a pulled .gguf), "converted" (an HF-style directory) or "unusable" (a converted
+    # directory never marked complete: not a model, only taking space)
+    kind: str
     path: Path
     size_bytes: int
 
@@ -256,10 +263,12 @@ def convert(gguf_path: Path, *, progress: bool = True) -> Path:
     key_src = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CONVERTED_FORMAT}"
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     out_dir = home() / "converted" / f"{gguf_path.stem}-{key}"
-    if out_dir.is_dir():
+    if (out_dir / CONVERTED_MARKER).is_file():
         return out_dir
     from thrifty.loader.gguf import convert_gguf
 
+    if out_dir.exists():  # unmarked: left by an older thrifty, or tampered with; never used
+        shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(gguf_path, out_dir, progress=progress)
 
@@ -345,5 +354,6 @@ def cached_models() -> list[CachedModel]:
         for d in sorted(converted.iterdir()):
             if d.is_dir() and not d.name.startswith("."):
                 size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-                found.append(CachedModel(d.name, "converted", d, size))
+                kind = "converted" if (d / CONVERTED_MARKER).is_file() else "unusable"
+                found.append(CachedModel(d.name, kind, d, size))
     return found

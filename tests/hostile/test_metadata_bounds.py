@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.hostile.tiny import write_tiny_hf
+from tests.hostile.tiny import write_tiny_gguf, write_tiny_hf
 from thrifty import LLM
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.files import MAX_FILE_BYTES
@@ -66,6 +66,16 @@ def test_absurd_sizes_refused_before_allocating(tmp_path, thrifty, field, value,
     assert time.perf_counter() - start < 5
     assert code == 1 and len(err) == 1 and err[0].startswith("error: "), err
     assert "config.json" in err[0] and phrase in err[0]
+
+
+def test_absurd_block_count_in_a_gguf(tmp_path, home, thrifty):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", block_count=1 << 31)
+    start = time.perf_counter()
+    code, _, err = thrifty("run", str(path), "hi")
+    assert time.perf_counter() - start < 5
+    assert code == 1 and len(err) == 1, err
+    assert "tiny.gguf" in err[0] and "num_hidden_layers is 2,147,483,648" in err[0]
+    assert not (home / "converted").exists() or not any((home / "converted").iterdir())
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "tokenizer_config.json"])

@@ -16,12 +16,16 @@ from typing import Any
 
 import gguf
 import numpy as np
+import torch
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from tqdm import tqdm
 
+from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
+from thrifty.hub import CONVERTED_MARKER
+from thrifty.loader.gguf_table import check_gguf
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -79,17 +83,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
     """Convert `gguf_path` into an HF model directory at `out_dir` and return `out_dir`.
 
     Writes config.json, generation_config.json, model.safetensors (every tensor as float32, under
-    HF names), tokenizer.json and tokenizer_config.json into a temporary sibling directory and
-    renames it into place, so `out_dir` either does not exist or is complete. If another process
+    HF names), tokenizer.json and tokenizer_config.json into a temporary sibling directory, loads
+    it as the engine would, and only then marks it complete (hub.CONVERTED_MARKER) and renames it
+    into place: `out_dir` either does not exist or is a model that loads. If another process
     finished the same conversion first, its directory is kept. Raises ThriftyError for a corrupt
     or truncated file and for an architecture, tensor or tokenizer it does not support.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     # Everything is validated before the first byte is written.
     reader, meta = _open(gguf_path)
-    config = _hf_config(meta, {t.name for t in reader.tensors})
-    tensors = _hf_tensors(reader, config)
-    tokenizer, tokenizer_config = _tokenizer(meta)
+    try:
+        config = _hf_config(meta, {t.name for t in reader.tensors})
+        tensors = _hf_tensors(reader, config)
+        tokenizer, tokenizer_config = _tokenizer(meta)
+    except ThriftyError as e:  # name the file the metadata came from
+        raise ThriftyError(f"{gguf_path}: {e}") from None
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": _stop_ids(meta)}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -105,29 +113,42 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
             ("tokenizer_config.json", tokenizer_config),
         ]:
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        _check_loads(tmp, gguf_path)
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
         try:
             tmp.rename(out_dir)
         except OSError:
-            if not (out_dir / "model.safetensors").exists():
+            if not (out_dir / CONVERTED_MARKER).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
+def _check_loads(model_dir: Path, gguf_path: Path) -> None:
+    """Load the converted directory as the engine will (config, tokenizer, every tensor's name
+    and shape; the weights onto the meta device): a conversion that cannot load is never cached."""
+    from thrifty.loader.weights import load_model  # torch and the models: only once converted
+    from thrifty.tokenizer import Tokenizer
+
+    try:
+        cfg = ModelConfig.from_dir(model_dir)
+        Tokenizer.from_dir(model_dir, cfg.eos_token_ids)
+        load_model(model_dir, cfg, dtype=torch.float32, device="meta", max_positions=1)
+    except ThriftyError as e:
+        raise ThriftyError(f"{gguf_path}: the converted model does not load: {e}") from None
+
+
 def _open(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     if not path.is_file():
         raise ThriftyError(f"{path}: no such GGUF file")
+    check_gguf(path)  # gguf.GGUFReader trusts the tensor table
     try:
         reader = gguf.GGUFReader(path)
         meta = {key: field.contents() for key, field in reader.fields.items()}
     except Exception as e:  # any parse failure means a malformed file; name it in one line
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ThriftyError(f"{path}: not a valid GGUF file (truncated or corrupt: {detail})") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ThriftyError(f"{path}: truncated: tensor {t.name} ends past the end of the file")
     return reader, meta
 
 
@@ -144,7 +165,16 @@ def _hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
             raise ThriftyError(f"GGUF metadata is missing {arch}.{key}")
         return value
 
+    def get_f32(key: str, default: Any = None) -> float:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ThriftyError(f"GGUF metadata {arch}.{key} is not a number: {value!r}")
+        return _f32(value)
+
     hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = meta.get(f"{arch}.attention.key_length")
+    if head_dim is None and all(isinstance(v, int) and v > 0 for v in (hidden, heads)):
+        head_dim = hidden // heads
     config = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
@@ -153,10 +183,10 @@ def _hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
+        "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": get_f32("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get_f32("rope.freq_base", 10000.0),
         "max_position_embeddings": get("context_length"),
         "vocab_size": get("vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
         "tie_word_embeddings": "output.weight" not in tensor_names,
@@ -169,9 +199,20 @@ def _hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         config["pad_token_id"] = pad
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
-        config["rope_scaling"] = {"rope_type": scaling, "factor": _f32(get("rope.scaling.factor"))}
+        config["rope_scaling"] = {"rope_type": scaling, "factor": get_f32("rope.scaling.factor")}
         if (original := meta.get(f"{arch}.rope.scaling.original_context_length")) is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
+    try:  # the sizes the engine will allocate by: positive, and within sane bounds
+        ModelConfig.from_hf(config)
+    except ThriftyError as e:
+        raise ThriftyError(f"GGUF metadata gives a model config thrifty refuses: {e}") from None
+    # Layers are built from block_count: it must be the number of blocks the file has tensors of.
+    blocks = {int(m[1]) for name in tensor_names if (m := _LAYER_NAME.fullmatch(name))}
+    if blocks != set(range(config["num_hidden_layers"])):
+        raise ThriftyError(
+            f"GGUF {arch}.block_count is {config['num_hidden_layers']:,}, but the file has "
+            f"tensors for {len(blocks)} blocks"
+        )
     return config
 
 
