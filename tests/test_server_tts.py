@@ -294,6 +294,14 @@ def test_scaling_config_takes_the_request_fields_it_can():
     with pytest.raises(ApiError) as e:
         config(presence_penalty=0.5, test_time_scaling={})
     assert e.value.status == 400 and e.value.param == "presence_penalty"
+    # A vote over free answers cannot keep a grammar or call tools: refused, not ignored.
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    tool = {"type": "function", "function": {"name": "f"}}
+    for field, value in [("response_format", fmt), ("tools", [tool]), ("logit_bias", {"1": 5})]:
+        with pytest.raises(ApiError) as e:
+            config(**{field: value}, test_time_scaling={})
+        assert e.value.status == 400 and e.value.param == field
+    assert config(response_format={"type": "text"}, logit_bias={}, test_time_scaling={}).n
 
 
 def test_a_budget_needs_a_thinking_model():

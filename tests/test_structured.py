@@ -13,10 +13,17 @@ import re
 import jsonschema
 import pytest
 import torch
-from llguidance import LLMatcher
+from llguidance import LLMatcher, LLTokenizer
 
 from thrifty import SamplingParams, ThriftyError
-from thrifty.engine.structured import Constraint, Guide, closed, mask_logits, unpack_bitmask
+from thrifty.engine.structured import (
+    Constraint,
+    Guide,
+    mask_logits,
+    tighten,
+    unpack_bitmask,
+    unpack_bitmask_reference,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +82,7 @@ def test_constrained_and_free_share_a_batch(llm):
     assert together[0].output_token_ids == alone[0].output_token_ids
     for seq in docs:
         assert seq.finish_reason == "stop", seq.output_text
-        jsonschema.validate(json.loads(seq.output_text), closed(PERSON))
+        jsonschema.validate(json.loads(seq.output_text), PERSON)
     assert re.fullmatch(r"(yes|no), because [a-z ]{3,40}\.", said[0].output_text)
     assert all(s.output_text in ("red", "green", "blue") for s in colours)
     assert re.fullmatch(r"x = [0-9]{1,3} \+ [0-9]{1,3}", sums[0].output_text)
@@ -120,19 +127,19 @@ def test_invalid_grammars_are_one_line_errors(llm, constraint, message):
 def test_unpack_bitmask_matches_reference():
     gen = torch.Generator().manual_seed(0)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32, generator=gen)
+    bitmask[1] = -1  # a free row: every token
     vocab = 150  # not a multiple of 32: the last word is cut
-    allowed = unpack_bitmask(bitmask, vocab)
+    reference = unpack_bitmask_reference(bitmask, vocab)
     for r in range(3):
         for t in range(vocab):
             word = int(bitmask[r, t // 32]) & 0xFFFFFFFF
-            assert bool(allowed[r, t]) == bool((word >> (t % 32)) & 1)
-    logits = torch.randn(4, vocab, generator=gen)
+            assert bool(reference[r, t]) == bool((word >> (t % 32)) & 1)
+    allowed = unpack_bitmask(bitmask, vocab)
+    assert torch.equal(allowed, reference) and allowed[1].all()
+    logits = torch.randn(3, vocab, generator=gen)
     before = logits.clone()
-    mask_logits(logits, [0, 2, 3], bitmask)
-    assert torch.equal(logits[1], before[1])
-    for row, m in zip([0, 2, 3], allowed, strict=True):
-        assert torch.equal(logits[row][m], before[row][m])
-        assert torch.isinf(logits[row][~m]).all()
+    mask_logits(logits, bitmask)
+    assert torch.equal(logits[allowed], before[allowed]) and torch.isinf(logits[~allowed]).all()
 
 
 def test_thinking_model_reasons_before_the_grammar(llm):
@@ -145,7 +152,7 @@ def test_thinking_model_reasons_before_the_grammar(llm):
     letter = llm.tokenizer.encode("x", add_special_tokens=False)[0]
 
     def allowed(guide: Guide) -> torch.Tensor:
-        return unpack_bitmask(grammars.fill([guide]), grammars.vocab_size)[0]
+        return unpack_bitmask(grammars.fill({0: guide}, 1), grammars.vocab_size)[0]
 
     g = grammars.guide(constraint, think, in_reasoning=False)
     first = allowed(g)
@@ -161,17 +168,35 @@ def test_thinking_model_reasons_before_the_grammar(llm):
     assert not allowed(plain)[think[0]] and allowed(plain)[digit]
 
 
-def test_closed_schema():
+def test_tighten_keeps_a_subset_of_the_schema(llm):
     schema = {
         "type": "object",
-        "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}},
-        "$defs": {"x": {"properties": {"y": {}}, "additionalProperties": True}},
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "integer", "minimum": 3}}},
+            "x": {"type": ["number", "null"], "multipleOf": 0.5},
+        },
+        "$defs": {"x": {"properties": {"y": {"type": "number"}}, "additionalProperties": True}},
         "anyOf": [{"properties": {"z": {}}}],
     }
-    out = closed(schema)
+    out = tighten(schema)
     assert out["additionalProperties"] is False
+    b = out["properties"]["a"]["properties"]["b"]
     assert out["properties"]["a"]["additionalProperties"] is False
-    assert out["$defs"]["x"]["additionalProperties"] is True  # said otherwise: kept
+    assert (b["minimum"], b["maximum"]) == (3, 2**53 - 1) and "multipleOf" not in b
+    assert out["properties"]["x"]["multipleOf"] == 0.5  # said otherwise: kept
+    assert out["$defs"]["x"]["additionalProperties"] is True
+    assert out["$defs"]["x"]["properties"]["y"]["multipleOf"] == 1e-9
     assert out["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the caller's schema is untouched
-    assert LLMatcher.grammar_from_json_schema(out)
+    # The grammar refuses numbers that run on, and takes those that do not.
+    tok = LLTokenizer(llm.tokenizer.to_json(), eos_token=list(llm.tokenizer.eos_token_ids))
+
+    def accepts(s: dict, text: str) -> bool:
+        m = LLMatcher(tok, LLMatcher.grammar_from_json_schema(tighten(s)), log_level=0)
+        ids = tok.tokenize_str(text)
+        return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+    assert accepts({"type": "number"}, "694.5") and not accepts({"type": "number"}, "1." + "0" * 12)
+    assert not accepts({"type": "integer"}, "1" * 17) and accepts({"type": "integer"}, "-42")
+    date = {"type": "string", "format": "date"}
+    assert accepts(date, '"2024-02-29"') and not accepts(date, '"0000-01-01"')

@@ -62,10 +62,10 @@ def apply_bias_and_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch
             ids, bias = zip(*seq.params.logit_bias, strict=True)
             index = torch.tensor(ids, device=logits.device)
             logits[row, index] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
-    rows = [i for i, s in enumerate(seqs) if s.guide is not None and s.guide.constraining]
-    if rows:
-        guides = [seqs[i].guide for i in rows]
-        mask_logits(logits, rows, guides[0].owner.fill(guides))  # type: ignore[union-attr]
+    guides = {i: s.guide for i, s in enumerate(seqs) if s.guide and s.guide.constraining}
+    if guides:
+        owner = next(iter(guides.values())).owner
+        mask_logits(logits, owner.fill(guides, len(seqs)))  # free rows: every bit set
     return logits
 
 

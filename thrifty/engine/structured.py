@@ -12,11 +12,13 @@ through, and the grammar starts after `</think>`.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Literal
 
 import llguidance
+import numpy as np
 import torch
 from llguidance import LLMatcher
 from llguidance.torch import fill_next_token_bitmask_par
@@ -43,7 +45,7 @@ class Constraint:
         if self.kind == "json_object":
             return LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
         if self.kind == "json_schema":
-            schema = closed(json.loads(self.spec))
+            schema = tighten(json.loads(self.spec))
             return LLMatcher.grammar_from_json_schema(schema, _JSON_OPTIONS)
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.spec)
@@ -55,7 +57,7 @@ class Constraint:
 
 def json_schema_lark(schema: dict) -> str:
     """A Lark rule body that matches one JSON document of `schema` (for composing grammars)."""
-    schema = closed(schema)
+    schema = tighten(schema)
     options = {**schema, "x-guidance": {**_JSON_OPTIONS, **schema.get("x-guidance", {})}}
     return "%json " + json.dumps(options)
 
@@ -65,26 +67,46 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
-def closed(schema):
-    """The schema with every object that lists its properties closed to others, unless it
-    says otherwise (`additionalProperties`): what OpenAI's strict mode requires and what
-    xgrammar does by default. Without it a small model keeps inventing keys until max_tokens."""
+SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON parser reads exactly (RFC 8259)
+FRACTION_STEP = 1e-9  # numbers get at most nine digits after the point
+# RFC 3339 allows the year 0000; Python's datetime and most date libraries do not.
+YEAR_FROM_1 = "^(?:[1-9]|0[1-9]|00[1-9]|000[1-9])"
+
+
+def tighten(schema):
+    """A schema whose documents all satisfy `schema` but which a small model cannot run away
+    in: objects that list their properties are closed to others (OpenAI's strict mode, and
+    xgrammar's default), integers stay within +-(2^53 - 1) and numbers within that and nine
+    fraction digits, and dates start from the year 1, unless the schema says otherwise. Without
+    this a small model keeps inventing keys, or digits ("694.000000..."), until max_tokens cuts
+    the document off."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    types = out.get("type")
+    types = types if isinstance(types, list) else [types]
+    if "integer" in types or "number" in types:
+        if not {"minimum", "exclusiveMinimum"} & out.keys():
+            out["minimum"] = -SAFE_INTEGER
+        if not {"maximum", "exclusiveMaximum"} & out.keys():
+            out["maximum"] = SAFE_INTEGER
+        if "number" in types and "multipleOf" not in out:
+            out["multipleOf"] = FRACTION_STEP
+    if out.get("format") in ("date", "date-time") and "pattern" not in out:
+        out["pattern"] = YEAR_FROM_1
     for key in _SUBSCHEMAS:
         if key in out:
-            out[key] = closed(out[key])
+            out[key] = tighten(out[key])
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed(s) for s in out[key]]
+            out[key] = [tighten(s) for s in out[key]]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {k: closed(s) for k, s in out[key].items()}
+            out[key] = {k: tighten(s) for k, s in out[key].items()}
     if isinstance(out.get("additionalProperties"), dict):
-        out["additionalProperties"] = closed(out["additionalProperties"])
+        out["additionalProperties"] = tighten(out["additionalProperties"])
     return out
 
 
@@ -191,31 +213,41 @@ class Grammars:
             raise ThriftyError(f"invalid {constraint.kind}: {matcher.get_error()}")
         return Guide(self, matcher, think, in_reasoning)
 
-    def fill(self, guides: list[Guide]) -> torch.Tensor:
-        """The bitmask (len(guides), ceil(V / 32)) int32 of the tokens each guide allows."""
+    def fill(self, guides: dict[int, Guide], batch: int) -> torch.Tensor:
+        """The bitmask (batch, ceil(V / 32)) int32 of the tokens each row may take: row i from
+        guides[i], every token for the rows without a guide."""
         words = (self.vocab_size + 31) // 32
-        bitmask = torch.empty(len(guides), words, dtype=torch.int32)
+        bitmask = torch.full((batch, words), -1, dtype=torch.int32)
         _ = self.tokenizer
         fill_next_token_bitmask_par(
-            self._executor, [(g.matcher, i) for i, g in enumerate(guides)], bitmask
+            self._executor, [(g.matcher, i) for i, g in guides.items()], bitmask
         )
-        for g, row in zip(guides, bitmask, strict=True):
-            g.after_fill(row)
+        for i, g in guides.items():
+            g.after_fill(bitmask[i])
         return bitmask
 
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def unpack_bitmask_reference(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(R, W) int32 bitmask -> (R, vocab_size) bool: token t is allowed if bit t % 32 of word
     t // 32 is set."""
     bits = (bitmask.unsqueeze(-1) >> _SHIFTS.to(bitmask.device)) & 1  # (R, W, 32)
     return bits.flatten(1)[:, :vocab_size].bool()
 
 
-def mask_logits(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """Set the logits of the tokens each constrained row may not take to -inf, in place."""
-    allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """unpack_bitmask_reference by numpy's unpackbits: 7x faster (0.6 ms for 32 rows of a
+    152k vocabulary). On a little-endian CPU bit t % 32 of word t // 32 is bit t % 8 of byte
+    t // 8."""
+    assert sys.byteorder == "little"
+    raw = bitmask.cpu().numpy().view(np.uint8)
+    bits = np.unpackbits(raw, axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)
+
+
+def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set the logits of the tokens a row may not take to -inf, in place."""
+    allowed = unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)
+    logits.masked_fill_(~allowed, float("-inf"))

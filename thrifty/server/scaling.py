@@ -41,6 +41,11 @@ UNSUPPORTED = (
     "repetition_penalty",
     "presence_penalty",
     "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "structured_outputs",
+    "tools",
+    "echo",
 )
 
 
@@ -55,7 +60,8 @@ def scaling_config(req: SamplingRequest, max_n: int, room: int) -> TTSConfig:
         if name not in req.model_fields_set:
             continue
         value = getattr(req, name)
-        if value not in (None, [], type(req).model_fields[name].default):
+        harmless = (None, [], {}, type(req).model_fields[name].default)
+        if value not in harmless and getattr(value, "type", None) != "text":
             raise ApiError(400, f"{name} is not supported with test_time_scaling", param=name)
     fields = {k: getattr(req, k, None) for k in INHERITED if k in req.model_fields_set}
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
