@@ -251,7 +251,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from thrifty import hub
+    from thrifty import hub, kernels
     from thrifty.config import EngineConfig, parse_dtype
     from thrifty.engine.llm_engine import LLMEngine
     from thrifty.server.app import check_address, serve
@@ -285,12 +285,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         **given("max_n", "max_queued_requests", "max_body_bytes"),
     )
     path = hub.resolve(args.model)
-    serve(
-        lambda: LLMEngine(path, config, allow_pickle=args.allow_pickle),
-        served,
-        args.host,
-        args.port,
-    )
+
+    def load() -> LLMEngine:
+        if config.device.partition(":")[0] == "cpu":  # built now, not by the first request
+            kernels.prepare(lambda line: print(line, file=sys.stderr, flush=True))
+        return LLMEngine(path, config, allow_pickle=args.allow_pickle)
+
+    serve(load, served, args.host, args.port)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -1,19 +1,16 @@
 """CPU fast paths, compiled on first use, each with the pure-torch reference its tests hold it to.
 
 `bf16_linear` is the decode-time matmul: bf16 activations with a few rows times a bf16 weight,
-streamed once from memory with AVX-512 BF16 dot products (csrc/bf16_gemv.cpp). The extension
-is built by torch.utils.cpp_extension (needs a C++ compiler and ninja) into the torch extensions
-directory, once per machine and torch version; where the CPU lacks avx512_bf16 or the build
-fails, `available()` is False and `bf16_linear` falls back to `F.linear`.
+streamed once from memory with AVX-512 BF16 dot products (csrc/bf16_gemv.cpp). The extensions
+are built by torch.utils.cpp_extension (needs a C++ compiler and ninja) once per install
+(kernels/build.py); where the CPU lacks avx512_bf16 or the build fails (a warning says so),
+`available()` is False and `bf16_linear` falls back to `F.linear`. `prepare()` builds them all
+up front, as `thrifty serve` does before it reports ready.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,15 +18,14 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from thrifty.kernels.build import CSRC, Kernel, compile_extension
 
 # Up to this many rows of x (tokens in the step), bf16_linear beats or matches torch's CPU bf16
 # matmul (benchmarks/kernels_bf16.py, and batch-32 decode end to end); beyond it oneDNN wins.
 MAX_ROWS = 32
 
-_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-_STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build
+_SOURCE = CSRC / "bf16_gemv.cpp"
+_CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 
 
 def reference_linear(
@@ -59,71 +55,53 @@ def bf16_linear(
     return ext.bf16_linear(x, weight, bias)
 
 
-@functools.cache
-def _extension() -> ModuleType | None:
-    if not _cpu_has_avx512_bf16():
-        logger.debug("bf16 kernel: this CPU lacks avx512_bf16; using torch's matmul")
-        return None
-    try:
-        return _build()
-    except Exception as e:  # no compiler, no ninja, a failed build: run on torch's kernels
-        logger.debug("bf16 kernel: build failed, using torch's matmul: %s", e)
-        return None
-
-
 def _cpu_has_avx512_bf16() -> bool:
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
 
 
 def _build(
-    name: str = "thrifty_bf16_gemv", source: Path = _SOURCE, cflags: list[str] = _CFLAGS
+    name: str = "thrifty_bf16_gemv", source: Path = _SOURCE, cflags: tuple[str, ...] = _CFLAGS
 ) -> ModuleType:
-    from torch.utils.cpp_extension import get_default_build_root, load
-
-    if shutil.which("ninja") is None:
-        # pip's `ninja` puts its binary next to the interpreter, which may not be on PATH.
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    # One directory per torch version: an extension built against another torch won't import.
-    build_dir = Path(root) / f"thrifty-torch{torch.__version__.replace('+', '-')}" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lock = build_dir / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)  # torch would wait on it forever
-    return load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-    )
+    """Build and import one extension, raising what the build raises (for tests)."""
+    return compile_extension(name, source, list(cflags))
 
 
 # Reassociation lets gcc vectorise the float reductions; -march=native: built where it runs.
-_ATTENTION_CFLAGS = [
+_ATTENTION_CFLAGS = (
     "-O3",
     "-march=native",
     "-fopenmp",
     "-fassociative-math",
     "-fno-signed-zeros",
     "-fno-trapping-math",
-]
+)
+BF16 = Kernel("thrifty_bf16_gemv", _SOURCE, _CFLAGS, "torch's matmul", _cpu_has_avx512_bf16)
+CPU_OPS = Kernel(
+    "thrifty_cpu_ops", CSRC / "cpu_ops.cpp", _ATTENTION_CFLAGS, "torch's attention and norm ops"
+)
+SAMPLING = Kernel("thrifty_sampling", CSRC / "sampling.cpp", _ATTENTION_CFLAGS, "torch's sampler")
 
 
-@functools.cache
+def _all_kernels() -> tuple[Kernel, ...]:
+    from thrifty.kernels import fp8  # it imports this module
+
+    return (BF16, CPU_OPS, SAMPLING, fp8.KERNEL)
+
+
+def prepare(announce: Callable[[str], None]) -> None:
+    """Build (or load) every CPU kernel now rather than on first use, so that a server is fast
+    from its first request; `announce` gets one line before each build that compiles."""
+    for kernel in _all_kernels():
+        kernel.load(announce)
+
+
+def _extension() -> ModuleType | None:
+    return BF16.load()
+
+
 def _cpu_ops() -> ModuleType | None:
-    try:
-        return _build(
-            "thrifty_cpu_ops",
-            Path(__file__).parent / "csrc" / "cpu_ops.cpp",
-            _ATTENTION_CFLAGS,
-        )
-    except Exception as e:  # no compiler, no ninja, a failed build: use the torch path
-        logger.debug("cpu ops (attention, norm): build failed, using torch: %s", e)
-        return None
+    return CPU_OPS.load()
 
 
 def cpu_ops_available() -> bool:
@@ -231,15 +209,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _cpu_ops().argmax_rows(logits)
 
 
-@functools.cache
 def _sampling_ops() -> ModuleType | None:
-    try:
-        return _build(
-            "thrifty_sampling", Path(__file__).parent / "csrc" / "sampling.cpp", _ATTENTION_CFLAGS
-        )
-    except Exception as e:  # no compiler, no ninja, a failed build: the torch sampler
-        logger.debug("sampling kernel: build failed, using torch: %s", e)
-        return None
+    return SAMPLING.load()
 
 
 def sampling_available() -> bool:

@@ -10,23 +10,18 @@ uses the reference.
 
 from __future__ import annotations
 
-import functools
-import logging
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from thrifty.kernels import _build
+from thrifty.kernels.build import CSRC, Kernel
 from thrifty.quant import fp8
-
-logger = logging.getLogger(__name__)
 
 # Up to this many rows the GEMV beats the panel path (benchmarks/fp8_kernels.py).
 MAX_ROWS = 8
 
-_SOURCE = Path(__file__).parent / "csrc" / "fp8_gemm.cpp"
-_CFLAGS = [
+_CFLAGS = (
     "-O3",
     "-mavx512f",
     "-mavx512bw",
@@ -34,7 +29,7 @@ _CFLAGS = [
     "-mavx512bf16",
     "-mavx512vbmi",
     "-fopenmp",
-]
+)
 _CPU_FLAGS = ("avx512_bf16", "avx512vbmi")
 
 
@@ -69,16 +64,8 @@ def dequantize(
     return _extension().fp8_dequantize(weight, scale, block_rows, dtype)
 
 
-@functools.cache
 def _extension() -> ModuleType | None:
-    if not _cpu_has(_CPU_FLAGS):
-        logger.debug("fp8 kernels: this CPU lacks %s; using the torch reference", _CPU_FLAGS)
-        return None
-    try:
-        return _build("thrifty_fp8_gemm", _SOURCE, _CFLAGS)
-    except Exception as e:  # no compiler, no ninja, a failed build: use the reference
-        logger.debug("fp8 kernels: build failed, using the torch reference: %s", e)
-        return None
+    return KERNEL.load()
 
 
 def _cpu_has(flags: tuple[str, ...]) -> bool:
@@ -89,6 +76,15 @@ def _cpu_has(flags: tuple[str, ...]) -> bool:
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     have = set(line.partition(":")[2].split())
     return all(f in have for f in flags)
+
+
+KERNEL = Kernel(
+    "thrifty_fp8_gemm",
+    CSRC / "fp8_gemm.cpp",
+    _CFLAGS,
+    "the torch reference (dequantizes the whole weight on every call)",
+    lambda: _cpu_has(_CPU_FLAGS),
+)
 
 
 def linear(

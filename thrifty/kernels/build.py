@@ -1,0 +1,138 @@
+"""Building the C++ kernels: where, when, and what happens when a build fails.
+
+Each extension is built by torch.utils.cpp_extension (a C++ compiler and ninja) into its own
+directory, keyed by everything the binary depends on: its source and headers, the flags, the
+compiler's and ninja's versions, and the install (torch, Python, this package's path). Two
+installs on one machine, or two torch versions, never rebuild each other's extension, and an
+edited source gets a fresh build. A build that fails is a warning naming what runs instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("thrifty.kernels")
+
+CSRC = Path(__file__).parent / "csrc"
+_STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build
+_LOADED: dict[str, ModuleType | None] = {}  # by extension name: each is tried once a process
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One C++ extension: its source, compiler flags, and the torch code that runs without it."""
+
+    name: str
+    source: Path
+    cflags: tuple[str, ...]
+    fallback: str  # what runs where it cannot be built, for the warning
+    supported: Callable[[], bool] = lambda: True  # whether this CPU can run it at all
+
+    def build_dir(self) -> Path:
+        return build_dir(self.name, self.source, self.cflags)
+
+    def built(self) -> bool:
+        return (self.build_dir() / f"{self.name}.so").is_file()
+
+    def load(self, announce: Callable[[str], None] | None = None) -> ModuleType | None:
+        """The extension, built on the first call of the process (None: use the fallback).
+
+        `announce` gets one line before a build that will compile (a minute or more).
+        """
+        if self.name not in _LOADED:
+            _LOADED[self.name] = self._load(announce)
+        return _LOADED[self.name]
+
+    def _load(self, announce: Callable[[str], None] | None) -> ModuleType | None:
+        if not self.supported():
+            logger.debug("%s: this CPU cannot run it; using %s", self.name, self.fallback)
+            return None
+        try:
+            if announce is not None and not self.built():
+                announce(f"thrifty: building the {self.name} CPU kernels (once per install)")
+            return compile_extension(self.name, self.source, list(self.cflags))
+        except Exception as e:  # no compiler, no ninja, a failed build: run on the fallback
+            logger.warning(
+                "thrifty: warning: the %s CPU kernels failed to build (%s); using %s instead "
+                "(build files in %s)",
+                self.name,
+                _reason(e),
+                self.fallback,
+                self.build_dir(),
+            )
+            return None
+
+
+def build_dir(name: str, source: Path, cflags: tuple[str, ...] | list[str]) -> Path:
+    """The directory extension `name` is built in: one per source text (headers included),
+    flags, compiler, ninja and install."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    _ensure_ninja()
+    key = hashlib.sha256()
+    for path in (Path(source), *sorted(CSRC.glob("*.h"))):
+        key.update(path.read_bytes() + b"\0")
+    install = (torch.__version__, sys.version, str(Path(__file__).resolve().parent))
+    tools = (_version(os.environ.get("CXX") or "c++"), _version("ninja"))
+    for part in (*cflags, *tools, *install):
+        key.update(part.encode() + b"\0")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / "thrifty" / f"{name}-{key.hexdigest()[:16]}"
+
+
+def compile_extension(name: str, source: Path, cflags: list[str]) -> ModuleType:
+    """Build (unless built) and import extension `name` from one C++ source file."""
+    from torch.utils.cpp_extension import load
+
+    directory = build_dir(name, source, cflags)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # torch would wait on it forever
+    return load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+    )
+
+
+def _ensure_ninja() -> None:
+    if shutil.which("ninja") is None:
+        # pip's `ninja` puts its binary next to the interpreter, which may not be on PATH.
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def _version(tool: str) -> str:
+    """The first line of `tool --version` ('' where it does not run), asked once a process."""
+    try:
+        proc = subprocess.run(
+            [tool, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (proc.stdout.strip().splitlines() or [""])[0]
+
+
+def _reason(e: Exception) -> str:
+    """The line of a failed build that says why: the compiler's first error, else the first."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and "Error building" not in ln]
+    return ((errors or lines or [type(e).__name__])[0])[:200]
