@@ -268,7 +268,7 @@ def convert(gguf_path: Path, *, progress: bool = True) -> Path:
     from thrifty.loader.gguf import convert_gguf
 
     if out_dir.exists():  # unmarked: left by an older thrifty, or tampered with; never used
-        shutil.rmtree(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)  # another process may be removing it too
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(gguf_path, out_dir, progress=progress)
 
