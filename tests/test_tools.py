@@ -129,6 +129,8 @@ def test_templates_without_tools_get_them_in_the_system_message():
     native, kwargs = HERMES.render(messages, tools)  # the template renders them itself
     assert kwargs == {"tools": tools}
     assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
+    deepseek, _ = V3.render(messages, tools)  # its template concatenates the JSON text
+    assert deepseek[2]["tool_calls"][0]["function"]["arguments"] == '{"city": "Rome"}'
 
 
 @pytest.fixture(scope="module")

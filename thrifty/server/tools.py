@@ -117,7 +117,11 @@ class ToolFormat:
         """Messages (with OpenAI tool_calls / tool roles) and tools as this model's template
         takes them: (messages, extra template arguments)."""
         if self.template_has_tools:
-            out = [_with_parsed_arguments(m) for m in messages]
+            # Qwen's template writes `arguments | tojson` (an object); DeepSeek's concatenates
+            # them as the JSON text OpenAI sends.
+            out = (
+                [_with_parsed_arguments(m) for m in messages] if self.name == "hermes" else messages
+            )
             return out, ({"tools": tools} if tools else {})
         # The template knows no tools: describe them in the system message, and write calls
         # and results as text in the Hermes format.
