@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from thrifty.errors import ThriftyError
-from thrifty.files import read_json_object
+from thrifty.files import present, read_json_object
 from thrifty.quant.fp8 import Fp8Config
 
 SUPPORTED_ARCHITECTURES = (
@@ -242,7 +242,7 @@ class ModelConfig:
     @staticmethod
     def from_dir(path: Path) -> ModelConfig:
         config_path = Path(path) / "config.json"
-        if not config_path.is_symlink() and not config_path.exists():
+        if not present(config_path):
             raise ThriftyError(f"no config.json in {path}")
         cfg = read_json_object(config_path)
         try:

@@ -20,6 +20,12 @@ from thrifty.errors import ThriftyError
 MAX_FILE_BYTES = 512 << 20
 
 
+def present(path: Path) -> bool:
+    """Whether `path` names something, even a dangling link or a loop (reading it then says what
+    is wrong with it, where exists() would call it missing)."""
+    return path.is_symlink() or path.exists()
+
+
 def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The contents of the regular file `path`, refused in one line if it is anything else."""
     try:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from thrifty.errors import ThriftyError
+from thrifty.files import present
 
 # Bump when thrifty.loader.gguf.convert_gguf changes what it writes: old converted dirs are ignored.
 CONVERTED_FORMAT = 1
@@ -243,8 +244,7 @@ def resolve(spec: str | None, *, progress: bool = True) -> Path:
 
 
 def _resolve_dir(path: Path, *, progress: bool) -> Path:
-    config = path / "config.json"
-    if config.exists() or config.is_symlink():  # a bad one (a loop, a FIFO) is refused on reading
+    if present(path / "config.json"):  # a bad one (a loop, a FIFO) is refused on reading
         return path
     ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
     if len(ggufs) == 1:

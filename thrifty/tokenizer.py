@@ -17,7 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from thrifty.errors import ThriftyError
-from thrifty.files import read_json_object, read_text
+from thrifty.files import present, read_json_object, read_text
 
 # Used when a checkpoint ships no chat template.
 CHATML_TEMPLATE = (
@@ -72,7 +72,7 @@ class Tokenizer:
     def from_dir(path: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
-        if not _present(tokenizer_file):
+        if not present(tokenizer_file):
             raise ThriftyError(f"no tokenizer.json in {path}")
         text = read_text(tokenizer_file)
         try:
@@ -80,13 +80,13 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ThriftyError(f"cannot read {tokenizer_file}: {e}") from None
         config_file = path / "tokenizer_config.json"
-        config = read_json_object(config_file) if _present(config_file) else {}
+        config = read_json_object(config_file) if present(config_file) else {}
         template_file = path / "chat_template.jinja"
-        if _present(template_file):
+        if present(template_file):
             config["chat_template"] = read_text(template_file)
         _check_tokenizer_config(config, config_file)
         gen_file = path / "generation_config.json"
-        if _present(gen_file):
+        if present(gen_file):
             eos = read_json_object(gen_file).get("eos_token_id")
             if not _is_token_ids(eos):
                 raise ThriftyError(f"{gen_file}: eos_token_id must be token ids, got {eos!r}")
@@ -133,11 +133,6 @@ class Tokenizer:
             raise ThriftyError(f"chat template failed: {e}") from None
         except RecursionError:  # a macro that calls itself
             raise ThriftyError("chat template recursed too deeply") from None
-
-
-def _present(path: Path) -> bool:
-    """Whether `path` names something, even a dangling link or a loop (read_* then says what)."""
-    return path.is_symlink() or path.exists()
 
 
 def _is_token_ids(value: Any) -> bool:
