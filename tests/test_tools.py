@@ -165,3 +165,39 @@ def test_call_grammars_accept_calls_and_refuse_others(lltokenizer, fmt, parallel
     assert accepts(one)
     assert accepts(two) == parallel
     assert not any(accepts(b) for b in bad)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+        '  [{"name": "get_weather", "parameters": {"city": "Paris"}}]',
+    ],
+)
+def test_a_bare_call_naming_a_tool_is_a_call(text):
+    """Small models (Qwen2.5-Coder-0.5B) often leave out the <tool_call> markers."""
+    parser = ToolCallParser(HERMES, ("get_weather",))
+    held = "".join(parser.feed(text[i : i + 2])[0] for i in range(0, len(text), 2))
+    content, calls = parser.finish()
+    assert held == content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "get_time", "arguments": {}}',  # not a tool offered
+        '{"city": "Paris"}',  # JSON, but no call
+        "```python\nprint(1)\n```",
+    ],
+)
+def test_json_that_is_not_a_call_stays_content(text):
+    parser = ToolCallParser(HERMES, ("get_weather",))
+    held = "".join(parser.feed(c)[0] for c in text)
+    content, calls = parser.finish()
+    assert held == "" and content == text and calls == []
+    plain = ToolCallParser(HERMES, ("get_weather",))  # prose streams as it comes
+    assert plain.feed("The weather")[0] == "The weather"

@@ -201,7 +201,7 @@ class Serving:
         parsers = [
             Parsers(
                 ReasoningParser(opened) if self.thinks else None,
-                ToolCallParser(fmt) if tools.active else None,
+                ToolCallParser(fmt, tools.bare_names) if tools.active else None,
             )
             for _ in range(req.n)
         ]

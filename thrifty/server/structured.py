@@ -103,6 +103,14 @@ class ToolSetup:
         """Whether several calls may come (a named choice is one call, as OpenAI's)."""
         return self.parallel and self.choice != "named"
 
+    @property
+    def bare_names(self) -> tuple[str, ...]:
+        """The tools whose calls may come without markers: with "auto" only, since a grammar
+        writes the markers otherwise."""
+        if self.choice != "auto":
+            return ()
+        return tuple(t["function"]["name"] for t in self.tools)
+
     def functions(self) -> list[dict[str, Any]]:
         fns = [t["function"] for t in self.tools]
         return [f for f in fns if f["name"] == self.named] if self.named else fns

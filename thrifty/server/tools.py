@@ -234,12 +234,18 @@ def _arguments_text(arguments: Any) -> str:
 class ToolCallParser:
     """Reads tool calls out of streamed content: text before the first call passes through;
     from the first marker on, text is held until a call is complete, then handed out as a
-    ToolCall. What never became a call is handed back as content at the end."""
+    ToolCall. What never became a call is handed back as content at the end.
 
-    def __init__(self, fmt: ToolFormat):
-        self.fmt = fmt
+    Small models often write a call without its markers, as a bare JSON object (or one in a
+    ```json block) that names one of the tools: an answer that opens with `{` or a code fence
+    (or a list) is held to the end, and is a call if it parses as one (`names`: the tools
+    offered)."""
+
+    def __init__(self, fmt: ToolFormat, names: tuple[str, ...] = ()):
+        self.fmt, self.names = fmt, names
         self._held = ""
         self._in_calls = False
+        self._bare: bool | None = None if names else False  # None: not yet known
         self.calls: list[ToolCall] = []
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
@@ -249,7 +255,11 @@ class ToolCallParser:
         if not self._in_calls:
             start = self.fmt.region_start
             i = self._held.find(start)
+            if self._bare is None and (text := self._held.lstrip()):
+                self._bare = text.startswith(("{", "[", "```")) or "```".startswith(text)
             if i < 0:
+                if self._bare is not False:
+                    return "", []  # held to the end: it may be a bare call
                 cut = len(self._held) - partial_tag_len(self._held, start)
                 content, self._held = self._held[:cut], self._held[cut:]
                 return content, []
@@ -272,10 +282,32 @@ class ToolCallParser:
         dropped (finish_reason "length" says so), for it would not parse."""
         held, self._held = self._held, ""
         if not self._in_calls:
-            return held, []
+            calls = self._bare_calls(held) if self._bare else []
+            self.calls += calls
+            return ("" if calls else held), calls
         if (call := self.fmt.parse_call(held)) is not None:
             self.calls.append(call)
             return "", [call]
         tail = held.replace(CALLS_END, "")
         unfinished = tail.lstrip().startswith(("<tool_call>", CALL_BEGIN, CALLS_BEGIN))
         return ("" if unfinished or not tail.strip() else tail), []
+
+    def _bare_calls(self, text: str) -> list[ToolCall]:
+        """`{"name": ..., "arguments": ...}` (or a list of them), fenced or not, naming offered
+        tools; [] if the text is anything else."""
+        text = text.strip()
+        if text.startswith("```"):
+            text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            return []
+        calls = []
+        for item in body if isinstance(body, list) else [body]:
+            if not isinstance(item, dict) or item.get("name") not in self.names:
+                return []
+            args = item.get("arguments", item.get("parameters", {}))
+            if not isinstance(args, dict | str):
+                return []
+            calls.append(ToolCall(item["name"], _arguments_text(args)))
+        return calls
