@@ -94,6 +94,7 @@ def test_directory_is_complete(converted):
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        "thrifty-converted.json",  # the marker: written last, once the conversion loads
         "tokenizer.json",
         "tokenizer_config.json",
     ]
