@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests waiting for a first token before new ones get a 429 (default 256)",
     )
     p.add_argument("--max-body-bytes", type=_positive, help="request body limit (default 4 MiB)")
+    p.add_argument(
+        "--allowed-origins",
+        type=lambda v: tuple(o.strip() for o in v.split(",") if o.strip()),
+        help="comma-separated web origins (https://app.example) whose pages may call the API"
+        " from a browser (CORS); default none: only this server's own chat page",
+    )
     return parser
 
 
@@ -282,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     served = ServerConfig(
         model_name=Path(name).name if Path(name).exists() else name,
         api_key=args.api_key or None,
-        **given("max_n", "max_queued_requests", "max_body_bytes"),
+        **given("max_n", "max_queued_requests", "max_body_bytes", "allowed_origins"),
     )
     path = hub.resolve(args.model)
 

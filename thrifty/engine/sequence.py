@@ -151,11 +151,22 @@ class Sequence:
 
 
 def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string.
+
+    Only the k where the stop's k-th character is the text's last can match, so each stop is
+    scanned with rfind: for ordinary text a few comparisons, not one per prefix length."""
     best = 0
+    if not text:
+        return 0
+    last = text[-1]
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
+        k = min(len(s) - 1, len(text))
+        while k > best:
+            k = s.rfind(last, 0, k) + 1  # the longest candidate prefix ending in `last`
+            if k <= best:
+                break
             if text.endswith(s[:k]):
                 best = k
                 break
+            k -= 1
     return best

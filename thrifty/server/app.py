@@ -16,10 +16,11 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
@@ -37,6 +38,7 @@ from thrifty.server.scaling import ScalingRun
 from thrifty.server.serving import Serving
 
 STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
 ROUTES = (
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health",
     "/metrics", "/",
@@ -106,11 +108,19 @@ def create_app(
             )
         return card
 
+    # Rendering templates, tokenizing prompts and compiling grammars take time in proportion
+    # to the request (seconds for megabytes): they run on worker threads, a few at a time, so
+    # that the event loop keeps answering everyone else.
+    preparing = anyio.CapacityLimiter(2)
+
+    async def off_loop(work: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(work, *args, limiter=preparing)
+
     async def checked(gen: Generation) -> Generation:
         """The request's grammar compiled off the event loop (a 400 if it is invalid)."""
         constraint = gen.params[0].constraint
         if constraint is not None:
-            await anyio.to_thread.run_sync(serving.check_constraint, constraint)
+            await off_loop(serving.check_constraint, constraint)
         return gen
 
     @v1.post("/chat/completions")
@@ -118,8 +128,9 @@ def create_app(
         req = parse(ChatCompletionRequest, await read_body(request, config.max_body_bytes))
         usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.test_time_scaling is not None:
-            return await scaled(request, serving.chat_scaling(req), req.stream, usage)
-        gen, parsers = serving.chat(req)
+            return await scaled(request, await off_loop(serving.chat_scaling, req), req.stream,
+                                usage)  # fmt: skip
+        gen, parsers = await off_loop(serving.chat, req)
         (await checked(gen)).start(parsers)
         if req.stream:
             return EventStream(responses.chat_stream(gen, req.logprobs, usage), gen.abort)
@@ -133,8 +144,9 @@ def create_app(
         req = parse(CompletionRequest, await read_body(request, config.max_body_bytes))
         usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.test_time_scaling is not None:
-            return await scaled(request, serving.completion_scaling(req), req.stream, usage)
-        gen = await checked(serving.completion(req))
+            run = await off_loop(serving.completion_scaling, req)
+            return await scaled(request, run, req.stream, usage)
+        gen = await checked(await off_loop(serving.completion, req))
         gen.start()
         want = req.logprobs is not None
         if req.stream:
@@ -147,7 +159,7 @@ def create_app(
     @v1.post("/responses")
     async def responses_route(request: Request) -> Response:
         req = parse(ResponsesRequest, await read_body(request, config.max_body_bytes))
-        gen, parsers = serving.chat(to_chat(req))
+        gen, parsers = await off_loop(serving.chat, to_chat(req))
         (await checked(gen)).start(parsers)
         if req.stream:
             return EventStream(responses_api.stream(req, gen), gen.abort)
@@ -185,6 +197,14 @@ def create_app(
         traceback.print_exception(e)
         return error_response(ApiError(500, "internal server error"))
 
+    # Browsers may call the API from the pages of --allowed-origins only; a preflight from any
+    # other origin is answered 400, and its page cannot read what a simple request returns.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(config.allowed_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["authorization", "content-type"],
+    )
     app.add_middleware(CountRequests, metrics=metrics)
     return app
 
@@ -194,7 +214,16 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 async def read_body(request: Request, limit: int) -> str:
-    """The body as text: 413 past `limit` bytes, 400 if it is not UTF-8."""
+    """The body as text: 415 unless it is declared JSON, 413 past `limit` bytes, 400 if it is
+    not UTF-8.
+
+    A web page can send a text/plain POST to any origin without asking first (no CORS
+    preflight); requiring application/json makes the browser ask, and --allowed-origins
+    decides."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the body must be JSON sent as Content-Type: application/json"
+                       f" (got {kind or 'none'})")  # fmt: skip
     too_big = ApiError(413, f"the request body is over {limit} bytes")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:

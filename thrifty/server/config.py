@@ -11,4 +11,5 @@ class ServerConfig:
     api_key: str | None = None  # None: no authentication
     max_body_bytes: int = 4 << 20  # 413 above this
     max_n: int = 16  # samples per request
-    max_queued_requests: int = 256  # requests waiting for their first token; 429 above this
+    max_queued_requests: int = 256  # completions waiting for their first token; 429 above this
+    allowed_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS)

@@ -81,7 +81,7 @@ class Generation:
         parsers = parsers or [Parsers() for _ in range(num_choices)]
         self.choices = [Choice(i, p.reasoning, p.tools) for i, p in enumerate(parsers)]
         serving = self.serving
-        serving.num_queued += 1
+        serving.num_queued += num_choices  # a request costs its completions in the queue
         self._queued = True
         for rid, ids, p in zip(self.rids, self.prompts, self.params, strict=True):
             serving.engine.add(rid, ids, p, self.queue, self.token_hook)
@@ -90,7 +90,7 @@ class Generation:
     def _dequeue(self) -> None:
         if self._queued:
             self._queued = False
-            self.serving.num_queued -= 1
+            self.serving.num_queued -= len(self.choices)
 
     def abort(self) -> None:
         """Abort whatever is still running (a no-op once everything finished)."""

@@ -22,6 +22,7 @@ class ApiError(Exception):
         401: "authentication_error",
         404: "not_found_error",
         413: "invalid_request_error",
+        415: "invalid_request_error",
         422: "invalid_request_error",
         429: "rate_limit_error",
         503: "server_error",

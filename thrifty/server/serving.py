@@ -32,6 +32,7 @@ from thrifty.tokenizer import Tokenizer
 from thrifty.tts import ThinkingBudget
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # each is searched for after every token
 _RESERVED_TEMPLATE_KWARGS = {
     "messages", "add_generation_prompt", "bos_token", "eos_token", "tools"
 }  # fmt: skip
@@ -53,7 +54,7 @@ class Serving:
         self.config, self.metrics = config, metrics
         self._grammars = grammars  # the engine's; built here on first use where none was given
         self.tool_format = ToolFormat.detect(tokenizer.chat_template)
-        self.num_queued = 0  # requests waiting for their first token (event-loop thread only)
+        self.num_queued = 0  # completions waiting for a first token (changed on the loop only)
         encode = tokenizer.encode
         self.thinks = all(
             len(encode(t, add_special_tokens=False)) == 1 for t in (THINK_START, THINK_END)
@@ -61,7 +62,8 @@ class Serving:
 
     # -- requests -> engine work ----------------------------------------------------------------
 
-    def _check_common(self, req: SamplingRequest) -> None:
+    def _check_common(self, req: SamplingRequest, num_prompts: int = 1) -> None:
+        """Model, limits and queue. A request's cost is its completions: prompts x n."""
         if req.model is not None and req.model != self.config.model_name:
             raise ApiError(
                 404,
@@ -70,9 +72,18 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
-        if req.n > self.config.max_n:
-            raise ApiError(400, f"n must be at most {self.config.max_n}", param="n")
-        if self.num_queued >= self.config.max_queued_requests:
+        limit, choices = self.config.max_n, num_prompts * req.n
+        if num_prompts == 1 and req.n > limit:
+            raise ApiError(400, f"n must be at most {limit}", param="n")
+        if choices > limit:
+            raise ApiError(
+                400,
+                f"this request asks for {num_prompts} prompts x n={req.n} = {choices}"
+                f" completions; this server takes at most {limit} per request (--max-n)",
+                param="prompt",
+            )
+        queued = self.num_queued
+        if queued and queued + choices > self.config.max_queued_requests:
             raise ApiError(429, "too many requests are waiting; retry later", code="queue_full")
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
@@ -112,6 +123,9 @@ class Serving:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"stop strings may be at most {MAX_STOP_CHARS} characters long",
+                           param="stop")  # fmt: skip
         try:
             base = SamplingParams(
                 temperature=req.temperature,
@@ -208,7 +222,7 @@ class Serving:
         return Generation(self, [ids], params, "chatcmpl", hook), parsers
 
     def completion(self, req: CompletionRequest) -> Generation:
-        self._check_common(req)
+        self._check_common(req, _num_prompts(req))
         prompts = self._completion_prompts(req)
         constraint = answer_constraint(req)
         params = self._params(req, prompts, req.max_tokens or 16, req.logprobs, constraint)
@@ -247,11 +261,17 @@ class Serving:
         return self._scaling(req, ids, "chatcmpl", opened)
 
     def completion_scaling(self, req: CompletionRequest) -> ScalingRun:
-        self._check_common(req)
+        self._check_common(req, _num_prompts(req))
         prompts = self._completion_prompts(req)
         if len(prompts) != 1:
             raise ApiError(400, "test_time_scaling takes one prompt", param="prompt")
         return self._scaling(req, prompts[0], "cmpl", None)
+
+
+def _num_prompts(req: CompletionRequest) -> int:
+    """How many prompts a completion request holds, counted before any is tokenized."""
+    p = req.prompt
+    return 1 if isinstance(p, str) or not p or isinstance(p[0], int) else len(p)
 
 
 def render_chat(
