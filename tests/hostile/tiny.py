@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from tests.test_gguf import _gguf_name  # the one HF -> GGUF tensor name table
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 2, 8, 48, 2
 TOKENS = ["a", "b", "ab", "Ġ", "Ġab", "<s>", "</s>", "<eot>"]
 CONFIG = {
@@ -81,27 +83,6 @@ def write_tiny_hf(path: Path, **config: Any) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     save_file(tiny_weights(), path / "model.safetensors", metadata={"format": "pt"})
     return path
-
-
-def _gguf_name(hf_name: str) -> str:
-    renames = {
-        "model.embed_tokens": "token_embd",
-        "model.norm": "output_norm",
-        "lm_head": "output",
-        "model.layers.": "blk.",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "post_attention_layernorm": "ffn_norm",
-        "input_layernorm": "attn_norm",
-    }
-    for old, new in renames.items():
-        hf_name = hf_name.replace(old, new)
-    return hf_name
 
 
 def write_tiny_gguf(
