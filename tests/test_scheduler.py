@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from thrifty.config import EngineConfig
 from thrifty.engine.block_manager import NULL_BLOCK, BlockManager
 from thrifty.engine.sampling_params import SamplingParams
@@ -39,10 +41,16 @@ def make_seq(
 
 
 def make_scheduler(
-    num_blocks: int = 64, max_num_batched_tokens: int = 64, max_num_seqs: int = 8
+    num_blocks: int = 64,
+    max_num_batched_tokens: int = 64,
+    max_num_seqs: int = 8,
+    long_prefill_tokens: int = 512,
 ) -> Scheduler:
     config = EngineConfig(
-        block_size=BS, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs
+        block_size=BS,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        long_prefill_tokens=long_prefill_tokens,
     )
     return Scheduler(config, BlockManager(num_blocks, BS))
 
@@ -55,6 +63,10 @@ def step(sched: Scheduler) -> list[tuple[Sequence, int]]:
     """Schedule and 'run' one step the way LLMEngine.step does."""
     batch = sched.schedule()
     check_invariants(sched, batch)
+    return run_batch(sched, batch)
+
+
+def run_batch(sched: Scheduler, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
     for seq, n in batch:
         seq.num_computed_tokens += n
         sched.blocks.commit(seq)
@@ -134,6 +146,31 @@ def test_waiting_prompts_are_admitted_first_come_first_served():
     assert step(sched) == [(seqs[0], 6), (seqs[1], 4)]  # the second one is chunked
     assert list(sched.waiting) == [seqs[2]]
     assert step(sched) == [(seqs[1], 2), (seqs[2], 6)]
+
+
+def test_long_prompts_cannot_hold_up_a_short_one():
+    """One client's many long prompts add one chunk of long_prefill_tokens to a step; a short
+    prompt that arrives behind them is computed in the very next step."""
+    sched = make_scheduler(num_blocks=256, max_num_batched_tokens=64, long_prefill_tokens=16)
+    flood = [make_seq(range(1000 * i, 1000 * i + 100), request_id=f"a{i}") for i in range(6)]
+    for s in flood:
+        sched.add(s)
+    assert step(sched) == [(flood[0], 16)]  # one long prompt at a time, in chunks of 16
+    short = make_seq(range(500, 505), max_tokens=2, request_id="b")
+    sched.add(short)
+    assert step(sched) == [(flood[0], 16), (short, 5)]  # admitted ahead of the other five
+    assert short.num_output_tokens == 1
+    while sched.has_work():
+        others = len(sched.waiting) + len(sched.running) > 1
+        batch = sched.schedule()
+        check_invariants(sched, batch)
+        long = [(s, n) for s, n in batch if s.num_tokens - s.num_computed_tokens > 16]
+        assert len(long) <= 1
+        assert all(n <= 16 for _, n in long) or not others  # alone: whole budgets
+        run_batch(sched, batch)
+    assert all(s.output_token_ids == expected_output(100, 4) for s in flood)
+    assert short.output_token_ids == expected_output(5, 2)
+    assert sched.blocks.num_used_blocks == 0
 
 
 def test_max_num_seqs_bounds_the_running_batch():
@@ -236,9 +273,13 @@ def test_finish_and_abort_free_the_blocks_of_running_and_waiting_sequences():
     assert not sched.has_work() and sched.blocks.num_used_blocks == 0
 
 
-def test_random_workload_finishes_everything_and_leaks_no_block():
+@pytest.mark.parametrize("long_prefill_tokens", [512, 5])
+def test_random_workload_finishes_everything_and_leaks_no_block(long_prefill_tokens):
     rng = random.Random(1234)
-    sched = make_scheduler(num_blocks=13, max_num_batched_tokens=16, max_num_seqs=5)
+    sched = make_scheduler(
+        num_blocks=13, max_num_batched_tokens=16, max_num_seqs=5,
+        long_prefill_tokens=long_prefill_tokens,
+    )  # fmt: skip
     prefixes = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
     seqs = []
     for r in range(12):

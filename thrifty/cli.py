@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tokens per forward pass; long prompts are prefilled in chunks of it (default 2048)",
     )
+    p.add_argument(
+        "--long-prefill-tokens",
+        type=int,
+        help="a prompt with more tokens to compute than this is prefilled after the short ones"
+        " waiting, one at a time, in chunks of this size while others run (default 256)",
+    )
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV cache size (default 1 GiB)")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks (default: from the memory size)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
@@ -277,6 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         **given(
             "max_num_seqs",
             "max_num_batched_tokens",
+            "long_prefill_tokens",
             "kv_cache_memory_bytes",
             "num_kv_blocks",
             "block_size",

@@ -2,9 +2,13 @@
 
 One token budget per step (`max_num_batched_tokens`). Running sequences go first: a decoding
 sequence takes one token, a sequence still in its prompt takes the next chunk. What budget is left
-admits waiting sequences, first come first served, their prompts chunked to fit. When blocks run
-out, the newest running sequence is preempted: its blocks are freed and it waits at the front of
-the queue to be recomputed (cheaply, from the prefix cache where its blocks survive).
+admits waiting sequences, their prompts chunked to fit: short ones first come first served, then
+long ones (more than `long_prefill_tokens` to compute), one long prompt at a time. While other
+sequences run or wait, a long prompt prefills in chunks of at most `long_prefill_tokens`: so a
+client's long prompts, however many, add at most one such chunk to a step, a step stays short,
+and a short prompt that arrives behind them is computed in the next one. When blocks run out,
+the newest running sequence is preempted: its blocks are freed and it waits at the front of the
+queue to be recomputed (cheaply, from the prefix cache where its blocks survive).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.long_prefill_tokens = config.long_prefill_tokens
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -31,14 +36,25 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _remaining(self, seq: Sequence) -> int:
+        return seq.num_tokens - seq.num_computed_tokens
+
+    def _is_long(self, seq: Sequence) -> bool:
+        return self._remaining(seq) > self.long_prefill_tokens
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The (sequence, number of new tokens) pairs to compute in the next forward pass."""
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
+        long_active = False  # a long prompt is being prefilled this step
+        # Alone, a long prompt takes whole budgets (a little faster); beside others, short chunks.
+        cap = self.long_prefill_tokens if self.waiting or len(self.running) > 1 else budget
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(self._remaining(seq), budget)
+            if self._is_long(seq):
+                n, long_active = min(n, cap), True
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -50,21 +66,27 @@ class Scheduler:
                 i += 1
                 continue
             break
-
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.ready:
-                break
-            self.blocks.match_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                self.blocks.free(seq)  # give back the prefix blocks it just took
-                break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            batch.append((seq, n))
-            budget -= n
+        # Short prompts first, in order; then long ones, one at a time.
+        for want_long in (False, True):
+            for seq in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                    return batch
+                if not seq.ready or self._is_long(seq) != want_long:
+                    continue
+                if want_long and long_active:
+                    break
+                self.blocks.match_prefix(seq)
+                n = min(self._remaining(seq), budget)
+                if self._is_long(seq):  # (the prefix cache may have made it short)
+                    n, long_active = min(n, self.long_prefill_tokens), True
+                if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                    self.blocks.free(seq)  # give back the prefix blocks it just took
+                    return batch
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                batch.append((seq, n))
+                budget -= n
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
