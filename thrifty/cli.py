@@ -301,7 +301,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def load() -> LLMEngine:
         if config.device.partition(":")[0] == "cpu":  # built now, not by the first request
-            kernels.prepare(lambda line: print(line, file=sys.stderr, flush=True))
+            say = lambda line: print(line, file=sys.stderr, flush=True)
+            say(kernels.prepare(say))
         return LLMEngine(path, config, allow_pickle=args.allow_pickle)
 
     serve(load, served, args.host, args.port)

@@ -112,3 +112,12 @@ def test_serve_builds_the_kernels_before_the_model_and_ready(tmp_path, monkeypat
     assert code == 0
     assert order == [("engine", True), "ready"]
     assert err == ["thrifty: building the thrifty_test_serve CPU kernels (once per install)"]
+
+
+def test_prepare_says_what_each_kernel_runs_on():
+    line = kernels.prepare(lambda _: None)
+    names = [k.name for k in kernels._all_kernels()]
+    assert line.startswith("thrifty: CPU kernels: ") and all(n in line for n in names)
+    for k in kernels._all_kernels():
+        expected = "compiled" if k.load() is not None else f"-> {k.fallback}"
+        assert f"{k.name} {expected}" in line

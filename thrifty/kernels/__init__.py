@@ -89,11 +89,15 @@ def _all_kernels() -> tuple[Kernel, ...]:
     return (BF16, CPU_OPS, SAMPLING, fp8.KERNEL)
 
 
-def prepare(announce: Callable[[str], None]) -> None:
+def prepare(announce: Callable[[str], None]) -> str:
     """Build (or load) every CPU kernel now rather than on first use, so that a server is fast
-    from its first request; `announce` gets one line before each build that compiles."""
+    from its first request; `announce` gets one line before each build that compiles. Returns
+    a line saying what each runs on."""
+    parts = []
     for kernel in _all_kernels():
-        kernel.load(announce)
+        ready = kernel.load(announce) is not None
+        parts.append(f"{kernel.name} {'compiled' if ready else '-> ' + kernel.fallback}")
+    return "thrifty: CPU kernels: " + ", ".join(parts)
 
 
 def _extension() -> ModuleType | None:

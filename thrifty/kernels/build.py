@@ -58,7 +58,10 @@ class Kernel:
 
     def _load(self, announce: Callable[[str], None] | None) -> ModuleType | None:
         if not self.supported():
-            logger.debug("%s: this CPU cannot run it; using %s", self.name, self.fallback)
+            logger.warning(
+                "thrifty: warning: this CPU cannot run the %s kernels; using %s", self.name,
+                self.fallback,
+            )  # fmt: skip
             return None
         try:
             if announce is not None and not self.built():
