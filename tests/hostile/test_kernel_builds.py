@@ -111,7 +111,10 @@ def test_serve_builds_the_kernels_before_the_model_and_ready(tmp_path, monkeypat
     code, _, err = thrifty("serve", str(write_tiny_hf(tmp_path / "m")), "--port", "0")
     assert code == 0
     assert order == [("engine", True), "ready"]
-    assert err == ["thrifty: building the thrifty_test_serve CPU kernels (once per install)"]
+    assert err == [
+        "thrifty: building the thrifty_test_serve CPU kernels (once per install)",
+        "thrifty: CPU kernels: thrifty_test_serve -> the torch path",
+    ]
 
 
 def test_prepare_says_what_each_kernel_runs_on():
