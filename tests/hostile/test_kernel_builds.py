@@ -117,10 +117,18 @@ def test_serve_builds_the_kernels_before_the_model_and_ready(tmp_path, monkeypat
     ]
 
 
-def test_prepare_says_what_each_kernel_runs_on():
-    line = kernels.prepare(lambda _: None)
-    names = [k.name for k in kernels._all_kernels()]
-    assert line.startswith("thrifty: CPU kernels: ") and all(n in line for n in names)
-    for k in kernels._all_kernels():
-        expected = "compiled" if k.load() is not None else f"-> {k.fallback}"
-        assert f"{k.name} {expected}" in line
+def test_prepare_says_what_each_kernel_runs_on(tmp_path, monkeypatch, caplog):
+    ok = Kernel("thrifty_ok", source(tmp_path / "ok.cpp"), (), "-")
+    broken = Kernel("thrifty_broken", source(tmp_path / "b.cpp", BROKEN), (), "the torch path")
+    unsupported = Kernel("thrifty_avx9", source(tmp_path / "u.cpp"), (), "torch's matmul",
+                         supported=lambda: False)  # fmt: skip
+    monkeypatch.setattr(kernels, "_all_kernels", lambda: (ok, broken, unsupported))
+    build._LOADED["thrifty_ok"] = torch  # as if built: any module
+    with caplog.at_level(logging.WARNING, logger="thrifty.kernels"):
+        line = kernels.prepare(lambda _: None)
+    assert line == (
+        "thrifty: CPU kernels: thrifty_ok compiled, thrifty_broken -> the torch path,"
+        " thrifty_avx9 -> torch's matmul"
+    )
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "thrifty_broken" in warned and "thrifty_avx9" in warned  # each fallback, a warning
