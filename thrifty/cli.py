@@ -301,8 +301,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def load() -> LLMEngine:
         if config.device.partition(":")[0] == "cpu":  # built now, not by the first request
-            say = lambda line: print(line, file=sys.stderr, flush=True)
-            say(kernels.prepare(say))
+            built = kernels.prepare(lambda line: print(line, file=sys.stderr, flush=True))
+            print(built, flush=True)  # what each kernel runs on: information, beside "serving"
         return LLMEngine(path, config, allow_pickle=args.allow_pickle)
 
     serve(load, served, args.host, args.port)
