@@ -200,3 +200,5 @@ def test_tighten_keeps_a_subset_of_the_schema(llm):
     assert not accepts({"type": "integer"}, "1" * 17) and accepts({"type": "integer"}, "-42")
     date = {"type": "string", "format": "date"}
     assert accepts(date, '"2024-02-29"') and not accepts(date, '"0000-01-01"')
+    email = {"type": "string", "format": "email"}
+    assert accepts(email, '"ann@example.com"') and not accepts(email, f'"{"a" * 65}@example.com"')

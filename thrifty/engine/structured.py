@@ -77,7 +77,8 @@ def tighten(schema):
     """A schema whose documents all satisfy `schema` but which a small model cannot run away
     in: objects that list their properties are closed to others (OpenAI's strict mode, and
     xgrammar's default), integers stay within +-(2^53 - 1) and numbers within that and nine
-    fraction digits, and dates start from the year 1, unless the schema says otherwise. Without
+    fraction digits, dates start from the year 1, timestamps are at most 64 characters and
+    email addresses keep RFC 5321's lengths, unless the schema says otherwise. Without
     this a small model keeps inventing keys, or digits ("694.000000..."), until max_tokens cuts
     the document off."""
     if not isinstance(schema, dict):
@@ -94,8 +95,14 @@ def tighten(schema):
             out["maximum"] = SAFE_INTEGER
         if "number" in types and "multipleOf" not in out:
             out["multipleOf"] = FRACTION_STEP
-    if out.get("format") in ("date", "date-time") and "pattern" not in out:
+    fmt = out.get("format")
+    if fmt in ("date", "date-time") and "pattern" not in out:
         out["pattern"] = YEAR_FROM_1
+    if fmt == "date-time":
+        out.setdefault("maxLength", 64)  # RFC 3339 leaves the fraction of a second unbounded
+    if fmt == "email":  # RFC 5321's limits: a local part of 64, an address of 254
+        out.setdefault("pattern", "^[^@]{1,64}@")
+        out.setdefault("maxLength", 254)
     for key in _SUBSCHEMAS:
         if key in out:
             out[key] = tighten(out[key])
