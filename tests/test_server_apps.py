@@ -97,8 +97,8 @@ def test_tool_call_loop(client):
 
 def test_named_tool_streamed_is_one_call(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=[TIME, WEATHER], max_tokens=64, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        model=MODEL, messages=ASK, tools=[TIME, WEATHER], max_tokens=96, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0,
     )  # fmt: skip
     deltas, finish = [], None
     for chunk in stream:
@@ -184,22 +184,23 @@ def test_responses_api(client):
     assert r.usage.input_tokens > 10 and r.usage.output_tokens > 0
     tools = [{"type": "function", **WEATHER["function"]}]
     r = client.responses.create(model=MODEL, input=ASK, tools=tools, tool_choice="required",
-                                max_output_tokens=96)  # fmt: skip
+                                max_output_tokens=96, temperature=0)  # fmt: skip
     calls = [o for o in r.output if o.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"]
     history = [*ASK, *(c.model_dump(exclude_none=True) for c in calls)]
     history += [{"type": "function_call_output", "call_id": c.call_id, "output": "Sunny"}
                 for c in calls]  # fmt: skip
     r2 = client.responses.create(model=MODEL, input=history, tools=tools, tool_choice="none",
-                                 max_output_tokens=12)  # fmt: skip
+                                 max_output_tokens=12, temperature=0)  # fmt: skip
     alone = client.responses.create(model=MODEL, input=ASK, max_output_tokens=1)
     assert r2.output_text and r2.usage.input_tokens > alone.usage.input_tokens + 10
     fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
     r = client.responses.create(model=MODEL, input="A person, as JSON", text={"format": fmt},
-                                max_output_tokens=64)  # fmt: skip
+                                max_output_tokens=64, temperature=0)  # fmt: skip
     jsonschema.validate(json.loads(r.output_text), PERSON)
     stream = client.responses.create(model=MODEL, input=ASK, tools=tools, stream=True,
-                                     tool_choice="required", max_output_tokens=96)  # fmt: skip
+                                     tool_choice="required", max_output_tokens=96,
+                                     temperature=0)  # fmt: skip
     events = list(stream)
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
@@ -208,7 +209,8 @@ def test_responses_api(client):
     done = [e.item for e in events if e.type == "response.output_item.done"]
     assert [i.type for i in done] == [i.type for i in events[-1].response.output]
     assert any(i.type == "function_call" and i.name == "get_weather" for i in done)
-    with client.responses.stream(model=MODEL, input="Say hello.", max_output_tokens=48) as s:
+    with client.responses.stream(model=MODEL, input="Say hello.", max_output_tokens=48,
+                                 temperature=0) as s:  # fmt: skip
         events = list(s)  # the last is response.completed, or .incomplete if 48 ran out
         text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
         assert events[-1].response.output_text == text and text
