@@ -33,7 +33,7 @@ PERSON = {
         "name": {"type": "string", "maxLength": 20},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "city": {"enum": ["Paris", "Rome", "Tokyo"]},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
     },
     "required": ["name", "age", "city"],
 }
