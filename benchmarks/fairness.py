@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx
-from serve_load import free_port
+from serve_load import free_port, wait_up
 
 MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).parent / "results"
@@ -46,12 +46,7 @@ def measure(long_prefill: int, args: argparse.Namespace) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_up(url)
         stop = threading.Event()
         flood_done = []
         rng = random.Random(0)

@@ -62,6 +62,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_up(url: str) -> None:
+    """Until the server at `url` answers /health (5 minutes at most: a first start compiles)."""
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -210,12 +220,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "thrifty", "serve", MODEL, "--port", str(port)]
         proc = subprocess.Popen([*cmd, *args.serve_args])
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_up(url)
     try:
         results = run(url, proc.pid if proc else None, args)
     finally:
