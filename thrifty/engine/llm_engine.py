@@ -107,9 +107,7 @@ class LLMEngine:
                     "(DeepSeek-V3's num_nextn_predict_layers); this one has none"
                 )
             self.spec = SpecDecoder(self.runner, self.blocks, config.num_speculative_tokens)
-        self.grammars = Grammars(
-            self.tokenizer.to_json(), self.model_config.vocab_size, self.tokenizer.eos_token_ids
-        )
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         think = tuple(self.tokenizer.token_id(t) for t in ("<think>", "</think>"))
         self.think_ids: tuple[int, int] | None = None if None in think else think  # type: ignore
         self.requests: dict[str, Request] = {}

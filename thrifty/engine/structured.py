@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import llguidance
 import numpy as np
@@ -24,6 +24,9 @@ from llguidance import LLMatcher
 from llguidance.torch import fill_next_token_bitmask_par
 
 from thrifty.errors import ThriftyError
+
+if TYPE_CHECKING:
+    from thrifty.tokenizer import Tokenizer
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "lark", "choice"]
 
@@ -164,7 +167,7 @@ class Guide:
         self.state = _State.ACTIVE
         if not self.matcher.consume_token(token):
             # Only a token the mask did not offer gets here (a hook's injected token); the
-            # grammar cannot follow, so it stops constraining rather than masking everything.
+            # grammar cannot follow it, so the sequence ends there rather than mask every token.
             self.state = _State.DONE
         elif self.matcher.is_stopped():
             self.state = _State.DONE
@@ -179,10 +182,9 @@ class Grammars:
     """Compiles constraints into guides for one tokenizer (built on first use: ~0.3 s for a
     49k vocabulary, ~1 s for 152k)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]):
-        self._tokenizer_json = tokenizer_json
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._source = tokenizer  # serialized for llguidance only once a constraint comes
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
-        self.eos_token_ids = eos_token_ids
         self._tokenizer = None
         self._executor = None
         self._grammars: dict[Constraint, str] = {}
@@ -191,7 +193,9 @@ class Grammars:
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = llguidance.LLTokenizer(
-                self._tokenizer_json, n_vocab=self.vocab_size, eos_token=list(self.eos_token_ids)
+                self._source.to_json(),
+                n_vocab=self.vocab_size,
+                eos_token=list(self._source.eos_token_ids),
             )
             self._executor = llguidance.LLExecutor()
         return self._tokenizer
@@ -225,8 +229,7 @@ class Grammars:
         guides[i], every token for the rows without a guide."""
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((batch, words), -1, dtype=torch.int32)
-        _ = self.tokenizer
-        fill_next_token_bitmask_par(
+        fill_next_token_bitmask_par(  # (a guide exists, so the executor does too)
             self._executor, [(g.matcher, i) for i, g in guides.items()], bitmask
         )
         for i, g in guides.items():

@@ -94,8 +94,7 @@ class Serving:
         if constraint is None:
             return
         if self._grammars is None:
-            tok = self.tokenizer
-            self._grammars = Grammars(tok.to_json(), tok.vocab_size, tok.eos_token_ids)
+            self._grammars = Grammars(self.tokenizer, self.tokenizer.vocab_size)
         try:
             self._grammars.check(constraint)
         except ThriftyError as e:
