@@ -38,13 +38,17 @@ class Choice:
     index: int
     parser: ReasoningParser | None
     tools: ToolCallParser | None = None
-    calls: list[ToolCall] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     last_time: float | None = None
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The tool calls read out of the answer so far."""
+        return self.tools.calls if self.tools is not None else []
 
 
 class Generation:

@@ -204,12 +204,10 @@ def take_text(choice: Choice, delta: str | None) -> tuple[str, str]:
         r, t = "", delta or ""
     else:
         r, t = choice.parser.finish() if delta is None else choice.parser.feed(delta)
-    if choice.tools is not None:
-        t, calls = choice.tools.feed(t)
+    if choice.tools is not None:  # (it keeps the calls: choice.calls)
+        t = choice.tools.feed(t)[0]
         if delta is None:
-            t2, calls2 = choice.tools.finish()
-            t, calls = t + t2, calls + calls2
-        choice.calls += calls
+            t += choice.tools.finish()[0]
     choice.reasoning.append(r)
     choice.text.append(t)
     return r, t

@@ -172,9 +172,7 @@ class Serving:
             )
 
     def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        prompt = req.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]  # type: ignore[list-item]
+        prompt = _prompt_list(req)
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
         vocab = self.tokenizer.vocab_size
@@ -221,7 +219,7 @@ class Serving:
         return Generation(self, [ids], params, "chatcmpl", hook), parsers
 
     def completion(self, req: CompletionRequest) -> Generation:
-        self._check_common(req, _num_prompts(req))
+        self._check_common(req, len(_prompt_list(req)))
         prompts = self._completion_prompts(req)
         constraint = answer_constraint(req)
         params = self._params(req, prompts, req.max_tokens or 16, req.logprobs, constraint)
@@ -260,17 +258,19 @@ class Serving:
         return self._scaling(req, ids, "chatcmpl", opened)
 
     def completion_scaling(self, req: CompletionRequest) -> ScalingRun:
-        self._check_common(req, _num_prompts(req))
+        self._check_common(req, len(_prompt_list(req)))
         prompts = self._completion_prompts(req)
         if len(prompts) != 1:
             raise ApiError(400, "test_time_scaling takes one prompt", param="prompt")
         return self._scaling(req, prompts[0], "cmpl", None)
 
 
-def _num_prompts(req: CompletionRequest) -> int:
-    """How many prompts a completion request holds, counted before any is tokenized."""
-    p = req.prompt
-    return 1 if isinstance(p, str) or not p or isinstance(p[0], int) else len(p)
+def _prompt_list(req: CompletionRequest) -> list[str] | list[list[int]]:
+    """A completion request's prompts, each text or token ids, none yet tokenized."""
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]
 
 
 def render_chat(
