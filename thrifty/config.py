@@ -331,7 +331,7 @@ class EngineConfig:
     # A prompt with more tokens still to compute is "long": while other sequences run or wait
     # it prefills in chunks of at most this many, one long prompt at a time, after the short
     # ones waiting, so one client's long prompts cannot hold up the others' first tokens
-    # (benchmarks/fairness.py: 58 s -> under 2 s on 2 cores); alone, in whole budgets.
+    # (benchmarks/fairness.py: 61 s -> under 2 s on 2 cores); alone, in whole budgets.
     long_prefill_tokens: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True

@@ -47,7 +47,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
         long_active = False  # a long prompt is being prefilled this step
-        # Alone, a long prompt takes whole budgets (a little faster); beside others, short chunks.
+        # Alone, a long prompt takes whole budgets (fewer steps); beside others, short chunks.
         cap = self.long_prefill_tokens if self.waiting or len(self.running) > 1 else budget
         i = 0
         while i < len(self.running) and budget > 0:
