@@ -1,0 +1,362 @@
+// y = x @ W^T (+ b) for a GGUF weight repacked into q4 / q5 / q8 (thrifty/quant/ggml.py): per
+// group of G weights along a row, w = d * q + m with float32 d, m (q8: m = 0).
+//
+// Few rows of x (decode): the quantized bytes are read once. Each 16 bytes of nibbles become two
+// vectors of 16 integers (low nibbles: q_0..15, high: q_16..31; q5 ORs its fifth bits in under a
+// 16-bit mask), converted to float and multiplied with float32 x. The block-sum trick keeps the
+// inner loop to one scale per group: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i, with
+// x's group sums computed once per call, so the result is the dequantized float32 matmul up to
+// summation order. Output rows go in tiles of 16 whose bytes stay in cache while up to 4 rows of
+// x at a time pass over them; the 16 row sums of a tile are reduced by one transpose-add.
+//
+// Many rows of x (prefill): a panel of rows of W at a time is dequantized into x's dtype and
+// handed to torch's matmul (oneDNN, AMX where the CPU has it); the whole weight never is.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+enum Format : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2 };
+
+constexpr int kTile = 16;
+constexpr int kMaxMB = 4;
+constexpr int64_t kPanelRows = 128;  // rows of W dequantized at a time for large M
+
+struct Layout {
+  Format fmt;
+  int64_t N, K, G, groups, row_bytes, scale_rows;  // scale_rows: 1 (d) or 2 (d, m) per row
+
+  const float* d(const float* scale, int64_t n) const { return scale + n * scale_rows * groups; }
+};
+
+// The 16-wide chunk c of group g of one row, as floats; C chunks (16 C weights) per group.
+template <Format F, int C>
+inline __m512 chunk(const uint8_t* row, int64_t g, int c) {
+  if constexpr (F == kQ8) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16 * C + 16 * c));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  } else {
+    constexpr int64_t kBytes = F == kQ4 ? 16 : 20;
+    const uint8_t* p = row + g * kBytes;
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __m512i q = c == 0 ? _mm512_and_si512(v, _mm512_set1_epi32(0x0F)) : _mm512_srli_epi32(v, 4);
+    if constexpr (F == kQ5) {
+      uint32_t high;
+      std::memcpy(&high, p + 16, sizeof(high));
+      const __mmask16 k = static_cast<__mmask16>(c == 0 ? high : high >> 16);
+      q = _mm512_mask_or_epi32(q, k, q, _mm512_set1_epi32(0x10));
+    }
+    return _mm512_cvtepi32_ps(q);
+  }
+}
+
+// a[m] += d_g * (x[m] . q over group g), the group decoded once for all mb rows of x.
+template <Format F, int C, int MB>
+inline void group_step(const Layout& L, const uint8_t* row, const float* drow, const float* x,
+                       int mb, int64_t g, __m512* a) {
+  const __m512 d = _mm512_set1_ps(drow[g]);
+  __m512 f[C];
+  for (int c = 0; c < C; ++c) f[c] = chunk<F, C>(row, g, c);
+  for (int m = 0; m < MB; ++m) {
+    if (m >= mb) break;
+    const float* xg = x + m * L.K + g * 16 * C;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(xg), f[0]);
+    if constexpr (C == 2) s = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), f[1], s);
+    a[m] = _mm512_fmadd_ps(s, d, a[m]);
+  }
+}
+
+// acc[m] (16 lanes whose sum is dot(x[m], row)) for m < mb, over the whole row. Even and odd
+// groups go to two accumulators so that consecutive FMAs do not wait on each other.
+template <Format F, int C, int MB>
+inline void row_dot(const Layout& L, const uint8_t* row, const float* drow, const float* x,
+                    const float* xsum, int mb, __m512* acc) {
+  __m512 a0[MB], a1[MB];
+  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 1 < L.groups; g += 2) {
+    group_step<F, C, MB>(L, row, drow, x, mb, g, a0);
+    group_step<F, C, MB>(L, row, drow, x, mb, g + 1, a1);
+  }
+  if (g < L.groups) group_step<F, C, MB>(L, row, drow, x, mb, g, a0);
+  for (int m = 0; m < mb; ++m) {
+    __m512 t = _mm512_add_ps(a0[m], a1[m]);
+    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g)
+      const float* mrow = drow + L.groups;
+      const float* xs = xsum + m * L.groups;
+      for (int64_t h = 0; h < L.groups; h += 16) {
+        const __mmask16 k = L.groups - h >= 16 ? 0xFFFF : (1u << (L.groups - h)) - 1;
+        t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mrow + h), _mm512_maskz_loadu_ps(k, xs + h),
+                            t);
+      }
+    }
+    acc[m] = t;
+  }
+}
+
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 k) {
+  return thrifty_simd::load_f32(reinterpret_cast<const uint16_t*>(p), k);
+}
+
+template <typename T>
+inline void store16(T* out, __m512 v, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(out, k, v);
+  } else {
+    _mm256_mask_storeu_epi16(out, k, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+template <Format F, int C, typename T>
+void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, const float* scale,
+          const T* bias, T* y, int64_t M) {
+  const int64_t n_tiles = (L.N + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, (16 << 10) / (kTile * L.row_bytes));
+  at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
+    alignas(64) __m512 acc[kMaxMB][kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile;
+      const int rows = static_cast<int>(std::min<int64_t>(kTile, L.N - n0));
+      const __mmask16 k = rows == kTile ? 0xFFFF : (1u << rows) - 1;
+      const __m512 b = bias ? load16(bias + n0, k) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
+        const float* xm = x + m0 * L.K;
+        const float* xs = xsum + m0 * L.groups;
+        for (int r = 0; r < kTile; ++r) {
+          __m512 one[kMaxMB];
+          if (r < rows) {
+            const int64_t n = n0 + r;
+            const uint8_t* row = w + n * L.row_bytes;
+            if (mb == 1) {
+              row_dot<F, C, 1>(L, row, L.d(scale, n), xm, xs, mb, one);
+            } else if (mb == 2) {
+              row_dot<F, C, 2>(L, row, L.d(scale, n), xm, xs, mb, one);
+            } else {
+              row_dot<F, C, kMaxMB>(L, row, L.d(scale, n), xm, xs, mb, one);
+            }
+          } else {
+            for (int m = 0; m < mb; ++m) one[m] = _mm512_setzero_ps();
+          }
+          for (int m = 0; m < mb; ++m) acc[m][r] = one[m];
+        }
+        for (int m = 0; m < mb; ++m) {
+          store16(y + (m0 + m) * L.N + n0, _mm512_add_ps(thrifty_simd::reduce16(acc[m]), b), k);
+        }
+      }
+    }
+  });
+}
+
+// Rows [n0, n1) of W -> out (n1 - n0, K), rounded once from float32 to T.
+template <Format F, int C, typename T>
+void dequant_rows(const Layout& L, const uint8_t* w, const float* scale, int64_t n0, int64_t n1,
+                  T* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * L.row_bytes;
+    const float* drow = L.d(scale, n);
+    T* o = out + (n - n0) * L.K;
+    for (int64_t g = 0; g < L.groups; ++g) {
+      const __m512 d = _mm512_set1_ps(drow[g]);
+      const __m512 m = F == kQ8 ? _mm512_setzero_ps() : _mm512_set1_ps(drow[L.groups + g]);
+      for (int c = 0; c < C; ++c) {  // d q is exact: fma rounds once, as d q + m does
+        store16(o + g * 16 * C + 16 * c, _mm512_fmadd_ps(chunk<F, C>(row, g, c), d, m), 0xFFFF);
+      }
+    }
+  }
+}
+
+template <typename T>
+void dequant_any(const Layout& L, const uint8_t* w, const float* scale, int64_t n0, int64_t n1,
+                 T* out) {
+  switch (L.fmt) {
+    case kQ4: return dequant_rows<kQ4, 2>(L, w, scale, n0, n1, out);
+    case kQ5: return dequant_rows<kQ5, 2>(L, w, scale, n0, n1, out);
+    case kQ8:
+      return L.G == 32 ? dequant_rows<kQ8, 2>(L, w, scale, n0, n1, out)
+                       : dequant_rows<kQ8, 1>(L, w, scale, n0, n1, out);
+  }
+}
+
+Layout check(const torch::Tensor& weight, const torch::Tensor& scale, int64_t fmt, int64_t G) {
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && scale.device().is_cpu(), "ggml: CPU tensors only");
+  TORCH_CHECK_VALUE(fmt == kQ4 || fmt == kQ5 || fmt == kQ8, "ggml: unknown format ", fmt);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous() &&
+                        weight.scalar_type() == (fmt == kQ8 ? at::kChar : at::kByte),
+                    "ggml: weight must be a contiguous (N, bytes) int8 (q8) or uint8 matrix");
+  TORCH_CHECK_VALUE(G == 32 || (fmt == kQ8 && G == 16), "ggml: bad group size ", G);
+  const int64_t scale_rows = fmt == kQ8 ? 1 : 2;
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                        scale.dim() == 3 && scale.size(0) == weight.size(0) &&
+                        scale.size(1) == scale_rows,
+                    "ggml: scale must be contiguous float32 (N, ", scale_rows, ", groups)");
+  Layout L{static_cast<Format>(fmt), weight.size(0), 0, G, scale.size(2), weight.size(1),
+           scale_rows};
+  L.K = L.groups * G;
+  const int64_t bytes = fmt == kQ8 ? L.K : L.groups * (fmt == kQ4 ? 16 : 20);
+  TORCH_CHECK_VALUE(bytes == L.row_bytes, "ggml: weight rows of ", L.row_bytes,
+                    " bytes do not hold ", L.groups, " groups");
+  return L;
+}
+
+void check_x(const Layout& L, const torch::Tensor& x, const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == L.K,
+                    "ggml: x is ", x.sizes(), " but the weight has ", L.K, " columns");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                    "ggml: x must be float32 or bfloat16");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
+                          bias->size(0) == L.N && bias->is_contiguous() && bias->device().is_cpu(),
+                      "ggml: bias must be a contiguous vector of out_features in x's dtype");
+  }
+}
+
+std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+template <Format F, int C, typename T>
+void run_gemv(const Layout& L, const torch::Tensor& xf, const torch::Tensor& xsum,
+              const torch::Tensor& weight, const torch::Tensor& scale,
+              const std::optional<torch::Tensor>& bias, torch::Tensor& y) {
+  gemv<F, C, T>(L, xf.data_ptr<float>(), xsum.data_ptr<float>(),
+             reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr<float>(),
+             bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+             reinterpret_cast<T*>(y.data_ptr()), xf.size(0));
+}
+
+torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
+                        const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
+                        int64_t fmt, int64_t G) {
+  const Layout L = check(weight, scale, fmt, G);
+  check_x(L, x, bias);
+  const torch::Tensor xf = x.reshape({-1, L.K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  torch::Tensor y = torch::empty({M, L.N}, x.options());
+  if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
+  // Group sums of x, for the offsets m (q8 has none).
+  torch::Tensor xsum = fmt == kQ8 ? xf : xf.view({M, L.groups, G}).sum(-1).contiguous();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (fmt == kQ4) {
+    bf16 ? run_gemv<kQ4, 2, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
+         : run_gemv<kQ4, 2, float>(L, xf, xsum, weight, scale, bias, y);
+  } else if (fmt == kQ5) {
+    bf16 ? run_gemv<kQ5, 2, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
+         : run_gemv<kQ5, 2, float>(L, xf, xsum, weight, scale, bias, y);
+  } else if (G == 32) {
+    bf16 ? run_gemv<kQ8, 2, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
+         : run_gemv<kQ8, 2, float>(L, xf, xsum, weight, scale, bias, y);
+  } else {
+    bf16 ? run_gemv<kQ8, 1, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
+         : run_gemv<kQ8, 1, float>(L, xf, xsum, weight, scale, bias, y);
+  }
+  return y.view(out_shape(x, L.N));
+}
+
+template <typename T>
+void dequant_into(const Layout& L, const torch::Tensor& weight, const torch::Tensor& scale,
+                  int64_t n0, int64_t n1, torch::Tensor& out) {
+  dequant_any<T>(L, reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr<float>(),
+                 n0, n1, reinterpret_cast<T*>(out.data_ptr()));
+}
+
+// Large M: panels of kPanelRows rows of W, each dequantized into x's dtype by one thread and
+// multiplied there (torch's matmul runs single-threaded inside the parallel region).
+torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
+                        const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
+                        int64_t fmt, int64_t G) {
+  const Layout L = check(weight, scale, fmt, G);
+  check_x(L, x, bias);
+  const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, L.N}, x.options());
+  if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
+  const int64_t n_panels = (L.N + kPanelRows - 1) / kPanelRows;
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: pass it on
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    c10::InferenceMode guard(inference);
+    torch::Tensor panel = torch::empty({std::min(L.N, kPanelRows), L.K}, x.options());
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelRows, n1 = std::min(L.N, n0 + kPanelRows);
+      torch::Tensor w = panel.narrow(0, 0, n1 - n0);
+      if (x.scalar_type() == at::kFloat) {
+        dequant_into<float>(L, weight, scale, n0, n1, w);
+      } else {
+        dequant_into<at::BFloat16>(L, weight, scale, n0, n1, w);
+      }
+      torch::Tensor out = y.narrow(1, n0, n1 - n0);
+      if (bias.has_value()) {
+        out.copy_(at::addmm(bias->narrow(0, n0, n1 - n0), x2, w.t()));
+      } else {
+        out.copy_(at::mm(x2, w.t()));
+      }
+    }
+  });
+  return y.view(out_shape(x, L.N));
+}
+
+// Rows `ids` of W, dequantized into `dtype` (the token embedding of a quantized table).
+torch::Tensor ggml_rows(const torch::Tensor& weight, const torch::Tensor& scale,
+                        const torch::Tensor& ids, int64_t fmt, int64_t G, at::ScalarType dtype) {
+  const Layout L = check(weight, scale, fmt, G);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
+                    "ggml_rows: dtype must be float32 or bfloat16");
+  const torch::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t T = flat.size(0);
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(L.K);
+  torch::Tensor out = torch::empty({T, L.K}, weight.options().dtype(dtype));
+  const int64_t* idp = flat.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK_INDEX(idp[t] >= 0 && idp[t] < L.N, "ggml_rows: id ", idp[t], " out of range");
+  }
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      torch::Tensor row = out.narrow(0, t, 1);
+      if (dtype == at::kFloat) {
+        dequant_into<float>(L, weight, scale, idp[t], idp[t] + 1, row);
+      } else {
+        dequant_into<at::BFloat16>(L, weight, scale, idp[t], idp[t] + 1, row);
+      }
+    }
+  });
+  return out.view(shape);
+}
+
+torch::Tensor ggml_dequantize(const torch::Tensor& weight, const torch::Tensor& scale, int64_t fmt,
+                              int64_t G, at::ScalarType dtype) {
+  const Layout L = check(weight, scale, fmt, G);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
+                    "ggml_dequantize: dtype must be float32 or bfloat16");
+  torch::Tensor out = torch::empty({L.N, L.K}, weight.options().dtype(dtype));
+  at::parallel_for(0, L.N, 64, [&](int64_t n0, int64_t n1) {
+    torch::Tensor part = out.narrow(0, n0, n1 - n0);
+    if (dtype == at::kFloat) {
+      dequant_into<float>(L, weight, scale, n0, n1, part);
+    } else {
+      dequant_into<at::BFloat16>(L, weight, scale, n0, n1, part);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ggml_gemv", &ggml_gemv, "y = x @ W^T + b, few rows of x, W read once, quantized");
+  m.def("ggml_gemm", &ggml_gemm, "y = x @ W^T + b, a dequantized panel of W at a time");
+  m.def("ggml_rows", &ggml_rows, "rows ids of W, dequantized");
+  m.def("ggml_dequantize", &ggml_dequantize, "W dequantized to float32 or bf16");
+}

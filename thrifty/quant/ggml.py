@@ -1,0 +1,212 @@
+"""GGUF's block-quantized weights, repacked into three formats one kernel family runs natively.
+
+llama.cpp's types differ in their bit layouts but all compute w = d * q + m per group of 16 or
+32 weights along a row. At load each is repacked, exactly, into one of:
+
+  q4  uint8 (N, K / 2): per group of 32 weights 16 bytes, byte j holding q_j in its low nibble
+      and q_{j+16} in its high one; scale float32 (N, 2, K / 32) of d and m: w = d * q + m.
+      Q4_0 (m = -8 d), Q4_1, and Q4_K's sub-blocks (d * sc and -dmin * min).
+  q5  uint8 (N, 20 K / 32): per group the 16 nibble bytes of q4, then 4 bytes (a little-endian
+      uint32) whose bit j is bit 4 of q_j; scale as q4. Q5_0 (m = -16 d) and Q5_1.
+  q8  int8 (N, K); scale float32 (N, 1, K / G): w = d * q for groups of G = 32 (Q8_0) or
+      16 (Q6_K, whose q - 32 and d * sc are exact).
+
+Scales are float32 because a K-quant's d * sc is not a float16; every product above is exact in
+float32, so `dequantize` equals gguf's own dequantization bit for bit. A weight's format is read
+off its dtype and shapes (`format_of`): the scale travels beside the weight, nothing else does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+from gguf.quants import Q4_K
+
+GROUP = 32  # weights per q4 / q5 group
+_Q5_GROUP_BYTES = 20
+
+
+def format_of(weight: torch.Tensor, scale: torch.Tensor) -> tuple[str, int]:
+    """(format, group size) of a repacked weight and its scale; ValueError if they do not fit."""
+    n, groups = weight.shape[0], scale.shape[-1]
+    if scale.dtype != torch.float32 or scale.dim() != 3 or scale.shape[0] != n or groups == 0:
+        raise ValueError(f"a GGUF scale must be float32 (N, 1 or 2, groups), got {scale.shape}")
+    row = weight.shape[1]
+    if weight.dtype == torch.int8 and scale.shape[1] == 1 and row % groups == 0:
+        return "q8", row // groups
+    if weight.dtype == torch.uint8 and scale.shape[1] == 2:
+        if row == groups * GROUP // 2:
+            return "q4", GROUP
+        if row == groups * _Q5_GROUP_BYTES:
+            return "q5", GROUP
+    raise ValueError(
+        f"no GGUF format has a {weight.dtype} weight {tuple(weight.shape)} with scale "
+        f"{tuple(scale.shape)}"
+    )
+
+
+def in_features(weight: torch.Tensor, scale: torch.Tensor) -> int:
+    fmt, group = format_of(weight, scale)
+    return weight.shape[1] if fmt == "q8" else scale.shape[-1] * group
+
+
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The (N, K) matrix d * q + m in float32, rounded once to `dtype`."""
+    fmt, group = format_of(weight, scale)
+    n, groups = weight.shape[0], scale.shape[-1]
+    if fmt == "q8":
+        q = weight.view(n, groups, group).float()
+        return (q * scale[:, 0, :, None]).reshape(n, -1).to(dtype)
+    nibbles = weight.view(n, groups, -1)[..., :16]
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # (N, groups, 32)
+    if fmt == "q5":
+        high = weight.view(n, groups, _Q5_GROUP_BYTES)[..., 16:, None]
+        bits = (high >> torch.arange(8, dtype=torch.uint8, device=weight.device)) & 1
+        q = q | (bits.reshape(n, groups, GROUP) << 4)
+    # d q is exact in float32, so adding m rounds once, as gguf's d * q + m does.
+    w = torch.addcmul(scale[:, 1, :, None], scale[:, 0, :, None], q.float())
+    return w.reshape(n, -1).to(dtype)
+
+
+def reference_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.linear in float32 on the dequantized weight, rounded once to x's dtype."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), dequantize(weight, scale), b).to(x.dtype)
+
+
+def embedding(
+    ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows `ids` of the dequantized table, in `dtype`: only those rows are decoded."""
+    flat = ids.reshape(-1)
+    rows = dequantize(weight[flat], scale[flat], dtype)
+    return rows.reshape(*ids.shape, rows.shape[-1])
+
+
+def as_q8(weight: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, ...] | None:
+    """The same weight as q8 with groups of `group` (dividing its own), if exactly expressible:
+    q4 / q5 whose m is -8 d / -16 d (Q4_0, Q5_0) and any q8. Lets shards of different types
+    (Qwen's Q5_0 q/k beside a Q8_0 v) share one merged weight. None otherwise."""
+    fmt, own = format_of(weight, scale)
+    if own % group:
+        return None
+    if fmt == "q8":
+        q, d = weight, scale[:, 0]
+    else:
+        offset = 8 if fmt == "q4" else 16
+        d, m = scale[:, 0], scale[:, 1]
+        if not torch.equal(m, -offset * d):
+            return None
+        n = weight.shape[0]
+        ones = torch.ones_like(d)  # dequantize q itself: d = 1, m = -offset
+        q = dequantize(weight, torch.stack([ones, -offset * ones], dim=1)).to(torch.int8)
+        q = q.view(n, -1)
+    d = d.repeat_interleave(own // group, dim=-1)
+    return q.contiguous(), d.unsqueeze(1).contiguous()
+
+
+# --- repacking GGUF blocks --------------------------------------------------------------------
+
+
+def repack(
+    data: np.ndarray, qtype: T, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, scale) in a native format for GGUF tensor bytes `data` of type `qtype` and
+    logical shape (N, K); None for a type with no native format (dequantize it instead)."""
+    fn = _REPACK.get(qtype)
+    if fn is None:
+        return None
+    n, k = shape
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(n, -1)
+    weight, scale = fn(blocks, n)
+    return torch.from_numpy(weight), torch.from_numpy(np.ascontiguousarray(scale, np.float32))
+
+
+def native_types() -> tuple[T, ...]:
+    return tuple(_REPACK)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
+
+
+def _dm(d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return np.stack([d, m], axis=1)  # (N, 2, groups)
+
+
+def _q4_0(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    b = b.reshape(n, -1, 18)
+    d = _f16(b[..., 0:2])
+    return b[..., 2:].reshape(n, -1).copy(), _dm(d, -8 * d)
+
+
+def _q4_1(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    b = b.reshape(n, -1, 20)
+    return b[..., 4:].reshape(n, -1).copy(), _dm(_f16(b[..., 0:2]), _f16(b[..., 2:4]))
+
+
+def _q5(b: np.ndarray, d: np.ndarray, m: np.ndarray, qh: np.ndarray, qs: np.ndarray):
+    n = b.shape[0]
+    return np.concatenate([qs, qh], axis=-1).reshape(n, -1), _dm(d, m)
+
+
+def _q5_0(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    b = b.reshape(n, -1, 22)
+    d = _f16(b[..., 0:2])
+    return _q5(b, d, -16 * d, b[..., 2:6], b[..., 6:])
+
+
+def _q5_1(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    b = b.reshape(n, -1, 24)
+    return _q5(b, _f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:8], b[..., 8:])
+
+
+def _q8_0(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    b = b.reshape(n, -1, 34)
+    return b[..., 2:].reshape(n, -1).view(np.int8).copy(), _f16(b[..., 0:2])[:, None]
+
+
+def _q4_k(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # 256 weights: d, dmin, 12 bytes of 6-bit (sc, min) x 8, then 4 x 32 bytes whose low / high
+    # nibbles are sub-blocks 2j / 2j + 1.
+    b = b.reshape(-1, 144)
+    d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+    sc, mn = Q4_K.get_scale_min(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(-1, 8, 32)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    scale = _dm((d * sc).reshape(n, -1), (-(dmin * mn)).reshape(n, -1))
+    return packed.reshape(n, -1), scale
+
+
+def _q6_k(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # 256 weights: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d; groups of 16.
+    b = b.reshape(-1, 210)
+    ql, qh = b[:, :128], b[:, 128:192]
+    sc, d = b[:, 192:208].view(np.int8).astype(np.float32), _f16(b[:, 208:210])[:, None]
+    ql = ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & 0x0F).reshape(-1, 2, 4, 32)  # (blocks, half, quarter, 32)
+    qh = qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    qh = qh & 0x03
+    q = (ql | (qh << 4)).astype(np.int8) - np.int8(32)
+    return q.reshape(n, -1), (d * sc).reshape(n, 1, -1)
+
+
+_REPACK = {
+    T.Q4_0: _q4_0,
+    T.Q4_1: _q4_1,
+    T.Q5_0: _q5_0,
+    T.Q5_1: _q5_1,
+    T.Q8_0: _q8_0,
+    T.Q4_K: _q4_k,
+    T.Q6_K: _q6_k,
+}
