@@ -1,4 +1,5 @@
-"""thrifty.loader.gguf: GGUF -> HF directory, checked against transformers' own GGUF loading.
+"""thrifty.loader.gguf: GGUF -> HF directory (config, tokenizer and a marker; the weights are read
+from the GGUF itself), checked against transformers' own GGUF loading.
 
 The real SmolLM2 (llama, Q4_1/Q8_0) and Qwen2.5-Coder (qwen2, Q4_K/Q5_0/Q6_K/Q8_0) files are
 converted once per session; tiny synthetic GGUFs cover the rope un-permutation, Qwen3 names and
@@ -16,13 +17,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from tokenizers import Tokenizer, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from thrifty import hub
 from thrifty.errors import ThriftyError
+from thrifty.loader.checkpoint import iter_tensors
 from thrifty.loader.gguf import convert_gguf
+from thrifty.loader.gguf_weights import GgufTensor
+from thrifty.quant import ggml
 
 SMOL = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -93,7 +96,6 @@ def test_directory_is_complete(converted):
     assert names == [
         "config.json",
         "generation_config.json",
-        "model.safetensors",
         "thrifty-converted.json",  # the marker: written last, once the conversion loads
         "tokenizer.json",
         "tokenizer_config.json",
@@ -101,6 +103,14 @@ def test_directory_is_complete(converted):
     # Nothing left behind beside it: the temporary directory was renamed into place.
     leftovers = [p.name for p in converted.out_dir.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+    marker = _read_json(converted.out_dir / "thrifty-converted.json")
+    stat = converted.gguf_path.stat()
+    assert marker == {
+        "source": str(converted.gguf_path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "format": hub.CONVERTED_FORMAT,
+    }
 
 
 @pytest.mark.slow
@@ -135,21 +145,31 @@ def test_config_matches_transformers(converted, reference):
 @pytest.mark.slow
 def test_every_tensor_equals_transformers(converted, reference):
     expected = reference.state_dict()
-    with safe_open(converted.out_dir / "model.safetensors", framework="pt") as f:
-        names = set(f.keys())
-        tied = {"lm_head.weight"} if reference.config.tie_word_embeddings else set()
-        assert names == set(expected) - tied
-        for name in sorted(names):
-            ours = f.get_tensor(name)
-            assert ours.dtype == torch.float32, name
-            # Exact: the same dequantization, and for llama q/k the same un-permutation.
-            assert torch.equal(ours, expected[name]), name
+    ours = dict(iter_tensors(converted.out_dir, gguf_quantized=True))
+    tied = {"lm_head.weight"} if reference.config.tie_word_embeddings else set()
+    assert set(ours) == set(expected) - tied
+    native = 0
+    for name, tensor in sorted(ours.items()):
+        if isinstance(tensor, GgufTensor):  # kept quantized: repacked, then un-permuted rows
+            native += 1
+            assert torch.equal(ggml.dequantize(*tensor.quantized()), expected[name]), name
+            tensor = tensor.dequantize()
+        assert tensor.dtype == torch.float32, name
+        # Exact: the same dequantization, and for llama q/k the same un-permutation.
+        assert torch.equal(tensor, expected[name]), name
+    assert native == sum(len(t.shape) == 2 for t in expected.values()) - len(tied)
 
 
 @pytest.mark.slow
 def test_converted_directory_loads_in_transformers(converted, reference):
-    """config.json is complete: transformers built from it computes the same logits."""
-    model = AutoModelForCausalLM.from_pretrained(converted.out_dir, dtype=torch.float32).eval()
+    """config.json is complete: transformers built from it, with the weights thrifty reads,
+    computes the same logits."""
+    config = AutoConfig.from_pretrained(converted.out_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(dict(iter_tensors(converted.out_dir)), strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.tensor([[1, 420, 3037, 314, 260, 1757, 30, 198, 28, 42]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
@@ -338,12 +358,12 @@ def test_tiny_round_trip(tmp_path, arch):
     _write_tiny_gguf(tmp_path / "tiny.gguf", arch, weights)
     out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
 
-    with safe_open(out / "model.safetensors", framework="np") as f:
-        assert set(f.keys()) == set(weights)
-        for name, expected in weights.items():
-            if name.startswith("model.layers.0.mlp."):
-                expected = expected.astype(np.float16).astype(np.float32)
-            np.testing.assert_array_equal(f.get_tensor(name), expected, err_msg=name)
+    tensors = dict(iter_tensors(out))
+    assert set(tensors) == set(weights)
+    for name, expected in weights.items():
+        if name.startswith("model.layers.0.mlp."):
+            expected = expected.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(tensors[name].numpy(), expected, err_msg=name)
 
     config = _read_json(out / "config.json")
     assert config["architectures"] == [
@@ -396,7 +416,7 @@ def test_existing_conversion_is_kept(tmp_path):
     weights = _tiny_hf_weights("qwen3", np.random.default_rng(2))
     _write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3", weights)
     first = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
-    marker = first / "model.safetensors"
+    marker = first / hub.CONVERTED_MARKER
     before = marker.stat().st_mtime_ns
     assert convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False) == first
     assert marker.stat().st_mtime_ns == before

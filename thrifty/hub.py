@@ -26,8 +26,9 @@ from tqdm import tqdm
 from thrifty.errors import ThriftyError
 from thrifty.files import present
 
-# Bump when thrifty.loader.gguf.convert_gguf changes what it writes: old converted dirs are ignored.
-CONVERTED_FORMAT = 1
+# Bump when thrifty.loader.gguf.convert_gguf changes what it writes: old converted dirs are ignored
+# (and removed when their GGUF file is converted again). 2: weights read from the GGUF itself.
+CONVERTED_FORMAT = 2
 # Written last into a converted directory, once it loaded: a directory without it is not a model
 # (convert() converts it again, cached_models() calls it unusable).
 CONVERTED_MARKER = "thrifty-converted.json"
@@ -267,10 +268,30 @@ def convert(gguf_path: Path, *, progress: bool = True) -> Path:
         return out_dir
     from thrifty.loader.gguf import convert_gguf
 
+    _remove_old_conversions(gguf_path)
     if out_dir.exists():  # unmarked: left by an older thrifty, or tampered with; never used
         shutil.rmtree(out_dir, ignore_errors=True)  # another process may be removing it too
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(gguf_path, out_dir, progress=progress)
+
+
+def _remove_old_conversions(gguf_path: Path) -> None:
+    """Delete the directories earlier CONVERTED_FORMATs made from `gguf_path` (format 1 held a
+    float32 copy of every weight: 2.4 GB for a 0.5B model)."""
+    import json
+
+    converted = home() / "converted"
+    for d in converted.glob(f"{gguf_path.stem}-*") if converted.is_dir() else ():
+        try:
+            info = json.loads((d / CONVERTED_MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(info, dict)
+            and info.get("source") == str(gguf_path)
+            and info.get("format", 1) < CONVERTED_FORMAT
+        ):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _hub_offline() -> bool:

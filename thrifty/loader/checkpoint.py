@@ -35,7 +35,12 @@ _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def checkpoint_files(path: Path, *, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint directory, in shard order."""
+    """The weight files of a checkpoint directory, in shard order (a converted GGUF's: its
+    GGUF file)."""
+    from thrifty.loader.gguf_weights import gguf_source
+
+    if (source := gguf_source(path)) is not None:
+        return [source]
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json_object(index).get("weight_map")
@@ -125,8 +130,20 @@ def _safetensors_entry_end(file: Path, name: str, entry: Any) -> int:
     return end
 
 
-def iter_tensors(path: Path, *, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor of the checkpoint, memory-mapped where possible."""
+def iter_tensors(
+    path: Path, *, allow_pickle: bool = False, gguf_quantized: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """Yield (name, tensor) for every tensor of the checkpoint, memory-mapped where possible.
+
+    A converted GGUF directory's tensors come from its GGUF file, dequantized to float32; with
+    `gguf_quantized` those of a type with a native kernel come as GgufTensor instead, for the
+    loader to keep quantized (thrifty/loader/gguf_weights.py).
+    """
+    from thrifty.loader.gguf_weights import gguf_source, iter_gguf_tensors
+
+    if (source := gguf_source(path)) is not None:
+        yield from iter_gguf_tensors(path, source, quantized=gguf_quantized)
+        return
     for file in checkpoint_files(path, allow_pickle=allow_pickle):
         if file.suffix != ".safetensors":
             yield from _load_pickled(file).items()

@@ -1,31 +1,29 @@
 """Convert a GGUF file into a Hugging Face-style model directory, once.
 
-The rest of the engine only loads HF directories: after one conversion a GGUF model is a float32
-`model.safetensors` (mmapped on every later load) plus config and tokenizer files built from the
-GGUF metadata. Dequantization is exact: the float32 weights are the values llama.cpp computes with.
+The rest of the engine only loads HF directories: after one conversion a GGUF model is config and
+tokenizer files built from the GGUF metadata plus a marker naming the GGUF file, whose tensors the
+loader reads in place on every load (thrifty/loader/gguf_weights.py): quantized weights stay
+quantized, the rest is dequantized exactly, to the values llama.cpp computes with.
 """
 
 import json
-import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
-from tqdm import tqdm
 
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
-from thrifty.hub import CONVERTED_MARKER
-from thrifty.loader.gguf_table import check_gguf
+from thrifty.hub import CONVERTED_FORMAT, CONVERTED_MARKER
+from thrifty.loader.gguf_table import TableEntry, check_gguf
+from thrifty.loader.gguf_weights import GgufTensor
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -52,8 +50,6 @@ _LAYER_TENSORS = {
     "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# (hf_name, hf_shape, load): the tensor is dequantized only when load() is called.
-_Planned = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
 
 # llama.cpp's token types (llama_token_type): which vocabulary entries are added tokens.
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
@@ -82,19 +78,20 @@ _IGNORE_MERGES_PRES = {"llama-bpe", "llama3", "llama-v3"}
 def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Path:
     """Convert `gguf_path` into an HF model directory at `out_dir` and return `out_dir`.
 
-    Writes config.json, generation_config.json, model.safetensors (every tensor as float32, under
-    HF names), tokenizer.json and tokenizer_config.json into a temporary sibling directory, loads
-    it as the engine would, and only then marks it complete (hub.CONVERTED_MARKER) and renames it
-    into place: `out_dir` either does not exist or is a model that loads. If another process
+    Writes config.json, generation_config.json, tokenizer.json, tokenizer_config.json and the
+    marker (hub.CONVERTED_MARKER: the GGUF file's path, size and mtime, which the loader reads
+    the weights from) into a temporary sibling directory, loads it as the engine would (names and
+    shapes, on the meta device), and only then renames it into place: `out_dir` either does not
+    exist or is a model that loads. If another process
     finished the same conversion first, its directory is kept. Raises ThriftyError for a corrupt
     or truncated file and for an architecture, tensor or tokenizer it does not support.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     # Everything is validated before the first byte is written.
-    reader, meta = _open(gguf_path)
+    table, meta = open_gguf(gguf_path)
     try:
-        config = _hf_config(meta, {t.name for t in reader.tensors})
-        tensors = _hf_tensors(reader, config)
+        config = _hf_config(meta, {t.name for t in table})
+        hf_tensors(table, np.zeros(0, np.uint8), config)  # every tensor has an HF name
         tokenizer, tokenizer_config = _tokenizer(meta)
     except ThriftyError as e:  # name the file the metadata came from
         raise ThriftyError(f"{gguf_path}: {e}") from None
@@ -104,8 +101,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is not a secret
     try:
-        desc = f"converting {gguf_path.name}"
-        _write_safetensors(tmp / "model.safetensors", tensors, desc, progress)
         tokenizer.save(str(tmp / "tokenizer.json"))
         for name, obj in [
             ("config.json", config),
@@ -113,8 +108,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
             ("tokenizer_config.json", tokenizer_config),
         ]:
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        _check_loads(tmp, gguf_path)
-        (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
+        stat = gguf_path.stat()
+        source = {"source": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        marker = source | {"format": CONVERTED_FORMAT}
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(marker) + "\n")
+        _check_loads(tmp, gguf_path)  # the directory becomes visible only once it loads
         try:
             tmp.rename(out_dir)
         except OSError:
@@ -139,17 +137,18 @@ def _check_loads(model_dir: Path, gguf_path: Path) -> None:
         raise ThriftyError(f"{gguf_path}: the converted model does not load: {e}") from None
 
 
-def _open(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+def open_gguf(path: Path) -> tuple[list[TableEntry], dict[str, Any]]:
+    """The file's checked tensor table and its metadata; ThriftyError for a bad file."""
     if not path.is_file():
         raise ThriftyError(f"{path}: no such GGUF file")
-    check_gguf(path)  # gguf.GGUFReader trusts the tensor table
+    table = check_gguf(path)  # gguf.GGUFReader trusts the tensor table
     try:
         reader = gguf.GGUFReader(path)
         meta = {key: field.contents() for key, field in reader.fields.items()}
     except Exception as e:  # any parse failure means a malformed file; name it in one line
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ThriftyError(f"{path}: not a valid GGUF file (truncated or corrupt: {detail})") from e
-    return reader, meta
+    return table, meta
 
 
 def _hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
@@ -253,51 +252,25 @@ def _unpermute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, -1, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_tensors(reader: gguf.GGUFReader, config: dict[str, Any]) -> list[_Planned]:
-    """What to write, in file order; fails on an unknown tensor before anything is read."""
+def hf_tensors(
+    table: list[TableEntry], raw: np.ndarray, config: dict[str, Any]
+) -> list[tuple[str, GgufTensor]]:
+    """(HF name, tensor) in file order, each a view of `raw` (the file's bytes, mmapped; empty
+    to check the names only); fails on an unknown tensor before anything is read."""
     heads = {
         "attn_q": config["num_attention_heads"],
         "attn_k": config["num_key_value_heads"],
     }
     plan = []
-    for t in reader.tensors:
+    for t in table:
         hf_name = _hf_name(t.name)
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+        shape = torch.Size(reversed(t.dims))  # GGUF lists dims innermost first
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         num_heads = heads.get(kind) if config["model_type"] == "llama" else None
-
-        def load(t=t, shape=shape, num_heads=num_heads) -> np.ndarray:
-            try:
-                w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            except NotImplementedError as e:
-                raise ThriftyError(f"GGUF tensor {t.name}: {e}") from e
-            w = w.reshape(shape)
-            return _unpermute_rope(w, num_heads) if num_heads else w
-
-        plan.append((hf_name, shape, load))
+        rows = shape.numel() // shape[-1]
+        data = raw[t.start : t.start + t.nbytes].reshape(rows, -1) if len(raw) else raw
+        plan.append((hf_name, GgufTensor(t.name, shape, t.tensor_type, data, num_heads)))
     return plan
-
-
-def _write_safetensors(path: Path, tensors: list[_Planned], desc: str, progress: bool) -> None:
-    """Stream tensors into a safetensors file, one dequantized tensor in memory at a time."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in tensors:
-        nbytes = 4 * int(np.prod(shape, dtype=np.int64))
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header so the data stays 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _, _, load in tqdm(tensors, desc=desc, unit="tensor", disable=not progress):
-            f.write(np.ascontiguousarray(load(), dtype="<f4").data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _tokenizer(meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:

@@ -14,6 +14,7 @@ import mmap
 import struct
 from itertools import pairwise
 from pathlib import Path
+from typing import NamedTuple
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -30,6 +31,16 @@ _STRING, _ARRAY, _UINT32 = 8, 9, 4
 # The fewest bytes one metadata entry (key length, type, a 1-byte value) and one tensor info
 # (name length, a 1-byte name, n_dims, one dim, type, offset) can take.
 _MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
+
+
+class TableEntry(NamedTuple):
+    """One tensor of the table: where its bytes are in the file, once checked."""
+
+    name: str
+    dims: tuple[int, ...]  # innermost first, as GGUF lists them
+    tensor_type: GGMLQuantizationType
+    start: int  # byte offset in the file
+    nbytes: int
 
 
 class _Reader:
@@ -77,17 +88,18 @@ class _Reader:
             raise self.error(f"key {key!r} has an unknown type {kind}")
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse `path` in one line unless its header and tensor table are sound (see module doc)."""
+def check_gguf(path: Path) -> list[TableEntry]:
+    """Refuse `path` in one line unless its header and tensor table are sound (see module doc);
+    returns the table, in file order."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size < 24:
             raise ThriftyError(f"{path}: not a valid GGUF file (only {size} bytes)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _check(_Reader(buf, path), size)
+            return _check(_Reader(buf, path), size)
 
 
-def _check(r: _Reader, size: int) -> None:
+def _check(r: _Reader, size: int) -> list[TableEntry]:
     if r.buf[:4] != b"GGUF":
         raise r.error("no GGUF magic at the start")
     r.take(4)
@@ -117,6 +129,7 @@ def _check(r: _Reader, size: int) -> None:
         r.skip_value(kind, key)
 
     tensors: list[tuple[int, int, str]] = []  # (offset, bytes, name)
+    infos: list[tuple[tuple[int, ...], GGMLQuantizationType]] = []
     names: set[str] = set()
     for i in range(num_tensors):
         raw = r.string()
@@ -126,7 +139,9 @@ def _check(r: _Reader, size: int) -> None:
         if name in names:
             raise r.error(f"tensor {name!r} appears twice")
         names.add(name)
-        tensors.append((*_tensor_info(r, name), name))
+        offset, nbytes, dims, tensor_type = _tensor_info(r, name)
+        tensors.append((offset, nbytes, name))
+        infos.append((dims, tensor_type))
 
     data_start = -(-r.pos // alignment) * alignment
     data_bytes = size - data_start
@@ -140,6 +155,10 @@ def _check(r: _Reader, size: int) -> None:
                 f"needs bytes {offset:,}..{offset + nbytes:,} of a data section of "
                 f"{max(data_bytes, 0):,} (truncated or corrupt)",
             )
+    table = [
+        TableEntry(name, dims, kind, data_start + offset, nbytes)
+        for (offset, nbytes, name), (dims, kind) in zip(tensors, infos, strict=True)
+    ]
     tensors.sort()
     for (offset, nbytes, name), (next_offset, _, next_name) in pairwise(tensors):
         if next_offset < offset + nbytes:
@@ -149,10 +168,12 @@ def _check(r: _Reader, size: int) -> None:
                 f"at offset {next_offset:,} overlaps tensor {name!r} "
                 f"(bytes {offset:,}..{offset + nbytes:,})",
             )
+    return table
 
 
-def _tensor_info(r: _Reader, name: str) -> tuple[int, int]:
-    """(offset in the data section, bytes) of the tensor whose info follows its name."""
+def _tensor_info(r: _Reader, name: str) -> tuple[int, int, tuple[int, ...], GGMLQuantizationType]:
+    """(offset in the data section, bytes, dims, type) of the tensor whose info follows its
+    name."""
     n_dims = r.uint(4)
     if not 1 <= n_dims <= MAX_DIMS:
         raise _tensor_error(r, name, f"has {n_dims} dims (1 to {MAX_DIMS} allowed)")
@@ -161,7 +182,8 @@ def _tensor_info(r: _Reader, name: str) -> tuple[int, int]:
         raise _tensor_error(r, name, f"has dims {dims}; each must be positive")
     raw_type = r.uint(4)
     try:
-        block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        tensor_type = GGMLQuantizationType(raw_type)
+        block, type_bytes = GGML_QUANT_SIZES[tensor_type]
     except (ValueError, KeyError):
         raise _tensor_error(r, name, f"has an unknown type {raw_type}") from None
     if dims[0] % block:
@@ -174,7 +196,7 @@ def _tensor_info(r: _Reader, name: str) -> tuple[int, int]:
     if elements > _INT64_MAX:
         raise _tensor_error(r, name, f"has {elements:,} elements")
     offset = r.uint(8)
-    return offset, elements // block * type_bytes
+    return offset, elements // block * type_bytes, tuple(dims), tensor_type
 
 
 def _tensor_error(r: _Reader, name: str, why: str) -> ThriftyError:

@@ -15,6 +15,7 @@ from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.loader.checkpoint import iter_tensors
 from thrifty.loader.fp8 import Fp8Weights
+from thrifty.loader.gguf_weights import GgufTensor, GgufWeights
 from thrifty.models import model_class
 from thrifty.models.layers import pack_linears
 
@@ -49,7 +50,8 @@ def load_model(
     """Build the model for `cfg` without initialising it and fill it from the checkpoint.
 
     FP8 weights with block scales load as they are (loader/fp8.py); `quantization="fp8"`
-    quantizes the other linear weights on load. The rotary table covers `max_positions`
+    quantizes the other linear weights on load. A converted GGUF's quantized weights stay
+    quantized on the CPU (loader/gguf_weights.py). The rotary table covers `max_positions`
     (default: the model's max_position_embeddings).
     """
     with torch.device("meta"):
@@ -64,8 +66,9 @@ def load_model(
     loaded: dict[str, torch.Tensor] = {}
     pending: dict[str, list[torch.Tensor | None]] = {}
     fp8_weights = Fp8Weights(model, cfg.quantization, quantization, dtype, device)
+    gguf_weights = GgufWeights(model, dtype, device, keep=quantization is None)
 
-    for name, tensor in iter_tensors(Path(path), allow_pickle=allow_pickle):
+    for name, tensor in iter_tensors(Path(path), allow_pickle=allow_pickle, gguf_quantized=True):
         if name.endswith(ignored) or fp8_weights.take_scale(name, tensor):
             continue
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -81,6 +84,10 @@ def load_model(
             raise ThriftyError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
             )
+        if isinstance(tensor, GgufTensor):
+            tensor = gguf_weights.take_weight(target, shard, tensor)
+            if tensor is None:  # kept quantized
+                continue
         if fp8_weights.take_weight(name, target, shard, tensor):
             continue
         if not tensor.is_floating_point():
@@ -97,6 +104,7 @@ def load_model(
             del pending[target]
 
     fp8_weights.finish(loaded, pending, packed)
+    gguf_weights.finish(loaded, pending, packed)
     missing = sorted(set(params) - set(loaded))
     for prefix, drop in optional.items():
         under = {m for m in params if m.startswith(prefix)}
@@ -123,8 +131,10 @@ def load_model(
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     fp8_weights.attach()
+    gguf_weights.attach()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight_scale_inv = getattr(model.model.embed_tokens, "weight_scale_inv", None)
     if getattr(model, "packs_weights", False) and torch.device(device).type == "cpu":
         pack_linears(model)  # bf16 CPU weights only; others keep the checkpoint's layout
     model.rotary_emb.build(max_positions or cfg.max_position_embeddings, device)

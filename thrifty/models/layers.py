@@ -11,6 +11,7 @@ from torch import nn
 from thrifty import kernels
 from thrifty.config import RopeConfig
 from thrifty.kernels import fp8 as fp8_kernels
+from thrifty.kernels import ggml as ggml_kernels
 
 
 def linear(
@@ -26,11 +27,15 @@ def linear(
     streams through the AVX-512 BF16 GEMV, which reads each weight byte once; everything else goes
     to torch's matmul. An FP8 weight (float8_e4m3fn) comes with its block scales (`scale`, the
     checkpoint's weight_scale_inv): W = weight * scale, per 128x128 block (thrifty/quant/fp8.py).
+    A GGUF weight repacked as q4 / q5 (uint8) or q8 (int8) comes with its group scales in the same
+    slot (thrifty/quant/ggml.py).
     """
     if weight.dim() == 3:
         return kernels.packed_linear(x, weight, bias)
     if weight.dtype == torch.float8_e4m3fn:
         return fp8_kernels.linear(x, weight, scale, bias)
+    if weight.dtype in (torch.uint8, torch.int8):
+        return ggml_kernels.linear(x, weight, scale, bias)
     if (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
@@ -58,15 +63,20 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embeddings (vocab, hidden); also reads a weight packed for a tied head."""
+    """Token embeddings (vocab, hidden); also reads a weight packed for a tied head, and a
+    GGUF-quantized table (its rows dequantized into `dtype`, the model's)."""
 
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.register_buffer("weight_scale_inv", None)  # group scales of a GGUF table
+        self.out_dtype: torch.dtype | None = None  # a GGUF table's rows: the model's dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.weight.dim() == 3:
             return kernels.unpack_rows(self.weight, ids)
+        if self.weight_scale_inv is not None:
+            return ggml_kernels.embedding(ids, self.weight, self.weight_scale_inv, self.out_dtype)
         return F.embedding(ids, self.weight)
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.files import read_json_object
+from thrifty.hub import CONVERTED_MARKER
 from thrifty.loader.checkpoint import check_safetensors, checkpoint_files, iter_tensors
 from thrifty.loader.fp8 import HIGH_PRECISION
 from thrifty.models import model_class
@@ -78,8 +79,14 @@ def quantize_checkpoint(
     hf["torch_dtype"] = "bfloat16"
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for f in sorted(src.iterdir()):  # tokenizer, generation config, chat template, ...
-        if f.is_file() and f.name != "config.json" and not any(f.match(p) for p in WEIGHT_FILES):
+        if (
+            f.is_file()
+            and f.name not in ("config.json", CONVERTED_MARKER)  # a converted GGUF's marker
+            and not any(f.match(p) for p in WEIGHT_FILES)
+        ):
             shutil.copy2(f, dst / f.name)
+    for f in dst.iterdir():  # a checkpoint is not a secret: copy2 keeps a 0600 source's mode
+        f.chmod(0o644)
     return dst
 
 

@@ -1,0 +1,279 @@
+"""Native GGUF-quantized execution: repacking, kernels and loading, each against a reference.
+
+The repacked formats dequantize to exactly gguf's own values for every native type; the compiled
+GEMV and panel GEMM equal the pure-torch reference (dequantize + F.linear in float32); a tiny
+random Llama and Qwen2 written as GGUF with mixed quantized types load natively and give
+transformers' logits on the same file, in prefill and in token-by-token decode.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from thrifty import hub
+from thrifty.config import EngineConfig, ModelConfig
+from thrifty.engine.model_runner import ModelRunner
+from thrifty.kernels import ggml as kernels
+from thrifty.loader.gguf import convert_gguf
+from thrifty.loader.gguf_weights import dequantize_model
+from thrifty.loader.weights import load_model
+from thrifty.models.attention import build_metadata, forward_context
+from thrifty.models.layers import linear
+from thrifty.quant import ggml
+
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K]
+FORMATS = {
+    T.Q4_0: ("q4", 32),
+    T.Q4_1: ("q4", 32),
+    T.Q5_0: ("q5", 32),
+    T.Q5_1: ("q5", 32),
+    T.Q8_0: ("q8", 32),
+    T.Q4_K: ("q4", 32),
+    T.Q6_K: ("q8", 16),
+}
+# Where each type keeps its float16 scales inside a block (the other bytes are any bits).
+_F16_FIELDS = {T.Q4_K: (0, 2), T.Q6_K: (208,), T.Q4_1: (0, 2), T.Q5_1: (0, 2)}
+
+
+def _blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator, d: float = 0.01):
+    """GGUF bytes for a (rows, cols) tensor: gguf's quantizer where it has one (0-5 bit types
+    and Q8_0), else random bits with finite, small float16 scales (K-quants)."""
+    if qtype not in (T.Q4_K, T.Q6_K):
+        return gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32) * d * 10, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)
+    for at in _F16_FIELDS.get(qtype, (0,)):
+        scale = (rng.uniform(0.5, 1.5, len(blocks)) * d).astype(np.float16)
+        blocks[:, at : at + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not kernels.available():
+        pytest.skip("the compiled GGUF kernels do not run on this CPU")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_repack_dequantizes_to_ggufs_values(qtype):
+    rng = np.random.default_rng(0)
+    raw = _blocks(qtype, 7, 512, rng)
+    weight, scale = ggml.repack(raw, qtype, (7, 512))
+    assert ggml.format_of(weight, scale) == FORMATS[qtype]
+    expected = torch.from_numpy(gguf_dequantize(raw, qtype).reshape(7, 512))
+    assert torch.equal(ggml.dequantize(weight, scale), expected)
+    # Bytes per weight stay near the file's: the scales are float32 where the file has float16.
+    file_bits = 8 * raw.nbytes / raw.size * raw.shape[1] / 512
+    ours = 8 * (weight.numel() * weight.element_size() + 4 * scale.numel()) / (7 * 512)
+    assert ours <= 1.55 * file_bits
+
+
+def test_types_without_a_native_format_are_refused():
+    assert ggml.repack(np.zeros((2, 176), np.uint8), T.Q5_K, (2, 256)) is None
+    with pytest.raises(ValueError, match="no GGUF format"):
+        ggml.format_of(torch.zeros(4, 10, dtype=torch.uint8), torch.zeros(4, 2, 1))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 5, 17])
+def test_kernels_equal_the_reference(compiled, qtype, dtype, rows):
+    rng = np.random.default_rng(rows)
+    n, k = 37, 768  # a partial tile of output rows; K: an odd number of 256-blocks
+    weight, scale = ggml.repack(_blocks(qtype, n, k, rng), qtype, (n, k))
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    w32 = ggml.dequantize(weight, scale)
+    for b in (None, bias):
+        want = ggml.reference_linear(x, weight, scale, b)
+        got = kernels.gemv(x, weight, scale, b)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        # The GEMV sums in float32 in another order: float32 noise, then one rounding of x's.
+        tol = 2e-5 * float(want.float().abs().max()) + 1e-6
+        if dtype == torch.bfloat16:
+            tol = max(tol, float(want.float().abs().max()) * 2**-8)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+        # The panel GEMM runs torch's matmul on W dequantized into x's dtype.
+        panel = F.linear(x.float(), w32.to(dtype).float(), None if b is None else b.float())
+        torch.testing.assert_close(
+            kernels.gemm(x, weight, scale, b).float(), panel.to(dtype).float(), atol=tol, rtol=0
+        )
+    # Any leading shape; the one dispatch the models use picks GEMV or GEMM by rows.
+    x3 = x.reshape(1, rows, k)
+    torch.testing.assert_close(
+        linear(x3, weight, bias, scale).float(),
+        kernels.linear(x, weight, scale, bias).reshape(1, rows, n).float(),
+        atol=0,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rows_and_dequantize(compiled, qtype, dtype):
+    weight, scale = ggml.repack(_blocks(qtype, 50, 256, np.random.default_rng(3)), qtype, (50, 256))
+    ids = torch.tensor([[3, 49, 0], [3, 7, 12]])
+    want = ggml.dequantize(weight, scale)[ids].to(dtype)
+    assert torch.equal(kernels.embedding(ids, weight, scale, dtype), want)
+    assert torch.equal(ggml.embedding(ids, weight, scale, dtype), want)
+    assert torch.equal(
+        kernels.dequantize(weight, scale, dtype), ggml.dequantize(weight, scale, dtype)
+    )
+
+
+def test_as_q8_is_exact_or_refused():
+    rng = np.random.default_rng(4)
+    for qtype in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q6_K):
+        weight, scale = ggml.repack(_blocks(qtype, 5, 256, rng), qtype, (5, 256))
+        q8 = ggml.as_q8(weight, scale, 16)
+        assert q8 is not None and ggml.format_of(*q8) == ("q8", 16)
+        assert torch.equal(ggml.dequantize(*q8), ggml.dequantize(weight, scale))
+    for qtype in (T.Q4_1, T.Q4_K):  # a free offset m has no q8 form
+        weight, scale = ggml.repack(_blocks(qtype, 5, 256, rng), qtype, (5, 256))
+        assert ggml.as_q8(weight, scale, 32) is None
+
+
+# --- tiny random models written as GGUF, against transformers on the same file ---------------
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 256, 4, 2, 64, 512, 96
+# Mixed types, as real files mix them: layer 0's q/k/v cannot share a format (Q4_K beside Q6_K:
+# dequantized), layer 1's share q8 (Q5_0 and Q8_0), and every native type appears.
+LAYER_TYPES = [
+    {"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q6_K, "attn_output": T.Q5_1,
+     "ffn_gate": T.Q4_1, "ffn_up": T.Q4_1, "ffn_down": T.Q6_K},
+    {"attn_q": T.Q5_0, "attn_k": T.Q5_0, "attn_v": T.Q8_0, "attn_output": T.Q4_0,
+     "ffn_gate": T.Q5_0, "ffn_up": T.Q5_0, "ffn_down": T.Q4_K},
+]  # fmt: skip
+
+
+def _write_tiny_gguf(path, arch: str, rng: np.random.Generator) -> None:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(len(LAYER_TYPES))
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_key_length(HEAD_DIM)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "llama-bpe")
+    tokens = ["a", "b", "ab", "Ġ", "Ġab", "<s>", "</s>"] + [f"t{i}" for i in range(VOCAB - 7)]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1, 1, 1, 1, 1, 3, 3] + [1] * (VOCAB - 7))
+    writer.add_token_merges(["a b", "Ġ ab"])
+    writer.add_bos_token_id(5)
+    writer.add_eos_token_id(6)
+
+    def add(name: str, qtype: T, rows: int, cols: int, d: float = 0.01) -> None:
+        raw = _blocks(qtype, rows, cols, rng, d)
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+
+    def vector(name: str, n: int, center: float) -> None:
+        writer.add_tensor(name, (center + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    add("token_embd.weight", T.Q8_0, VOCAB, HIDDEN, d=0.05)
+    add("output.weight", T.Q5_0, VOCAB, HIDDEN)
+    vector("output_norm.weight", HIDDEN, 1.0)
+    for i, types in enumerate(LAYER_TYPES):
+        shapes = {
+            "attn_q": (HEADS * HEAD_DIM, HIDDEN),
+            "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
+            "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
+            "attn_output": (HIDDEN, HEADS * HEAD_DIM),
+            "ffn_gate": (FFN, HIDDEN),
+            "ffn_up": (FFN, HIDDEN),
+            "ffn_down": (HIDDEN, FFN),
+        }
+        for kind, (rows, cols) in shapes.items():
+            add(
+                f"blk.{i}.{kind}.weight",
+                types[kind],
+                rows,
+                cols,
+                d=0.004 if "K" in types[kind].name else 0.01,
+            )
+        if arch == "qwen2":
+            for kind in ("attn_q", "attn_k", "attn_v"):
+                vector(f"blk.{i}.{kind}.bias", shapes[kind][0], 0.0)
+        vector(f"blk.{i}.attn_norm.weight", HIDDEN, 1.0)
+        vector(f"blk.{i}.ffn_norm.weight", HIDDEN, 1.0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory, transformers_gguf):
+    tmp = tmp_path_factory.mktemp(request.param)
+    path = tmp / "tiny.gguf"
+    _write_tiny_gguf(path, request.param, np.random.default_rng(5))
+    out = convert_gguf(path, tmp / "converted", progress=False)
+    return out, transformers_gguf(path)
+
+
+def _native_model(out, dtype=torch.float32):
+    cfg = ModelConfig.from_dir(out)
+    model = load_model(out, cfg, dtype=dtype)
+    ModelRunner(model, cfg, EngineConfig(dtype=dtype, block_size=4, num_kv_blocks=17))
+    return model
+
+
+def test_tiny_gguf_loads_quantized(tiny, compiled):
+    out, _ = tiny
+    model = _native_model(out)
+    layers = model.model.layers
+    formats = {
+        name: ggml.format_of(p, model.get_submodule(name.rpartition(".")[0]).weight_scale_inv)
+        for name, p in model.named_parameters()
+        if p.dtype in (torch.uint8, torch.int8)
+    }
+    # Layer 0's q/k/v (Q4_K beside Q6_K) had no shared format: dequantized to the model's dtype.
+    assert layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
+    assert formats["model.layers.1.self_attn.qkv_proj.weight"] == ("q8", 32)  # Q5_0 + Q8_0
+    assert formats["model.layers.0.mlp.gate_up_proj.weight"] == ("q4", 32)  # Q4_1
+    assert formats["model.layers.0.mlp.down_proj.weight"] == ("q8", 16)  # Q6_K
+    assert formats["model.layers.1.mlp.down_proj.weight"] == ("q4", 32)  # Q4_K
+    assert formats["model.layers.0.self_attn.o_proj.weight"] == ("q5", 32)  # Q5_1
+    assert formats["model.embed_tokens.weight"] == ("q8", 32)
+    assert formats["lm_head.weight"] == ("q5", 32)
+    # Back to dense: every quantized weight, the tied or separate head included.
+    assert dequantize_model(model, torch.float32) == len(formats)
+    assert all(p.is_floating_point() for p in model.parameters())
+
+
+def test_tiny_gguf_logits_match_transformers(tiny, compiled):
+    """Prefill (20 rows: the panel GEMM) then decode one token at a time (the GEMV)."""
+    out, reference = tiny
+    model = _native_model(out)
+    seq = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = reference(seq[None]).logits[0]
+    table = list(range(1, 17))
+    prefill = 20
+    meta = build_metadata([prefill], [prefill], [table], 4)
+    with torch.inference_mode(), forward_context(meta):
+        logits = model.compute_logits(model(seq[:prefill], torch.arange(prefill)))
+    torch.testing.assert_close(logits, want[:prefill], atol=1e-4, rtol=0)
+    for pos in range(prefill, len(seq)):
+        meta = build_metadata([1], [pos + 1], [table], 4)
+        with torch.inference_mode(), forward_context(meta):
+            logits = model.compute_logits(model(seq[pos : pos + 1], torch.tensor([pos])))
+        torch.testing.assert_close(logits[0], want[pos], atol=1e-4, rtol=0)
+
+
+def test_the_cache_keeps_no_weights(tiny):
+    out, _ = tiny
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and hub.CONVERTED_MARKER in names
