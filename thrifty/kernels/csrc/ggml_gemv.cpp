@@ -6,8 +6,10 @@
 // 16-bit mask), converted to float and multiplied with float32 x. The block-sum trick keeps the
 // inner loop to one scale per group: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i, with
 // x's group sums computed once per call, so the result is the dequantized float32 matmul up to
-// summation order. Output rows go in tiles of 16 whose bytes stay in cache while up to 4 rows of
-// x at a time pass over them; the 16 row sums of a tile are reduced by one transpose-add.
+// summation order. With bf16 x, q4 and q5 take AVX-512 BF16 dot products instead (see
+// pair_step): half the instructions per weight. Output rows go in tiles of 16 whose bytes stay in
+// cache while up to 4 rows of x at a time pass over them; the 16 row sums of a tile are reduced
+// by one transpose-add.
 //
 // Many rows of x (prefill): a panel of rows of W at a time is dequantized into x's dtype and
 // handed to torch's matmul (oneDNN, AMX where the CPU has it); the whole weight never is.
@@ -117,9 +119,89 @@ inline void store16(T* out, __m512 v, __mmask16 k) {
   }
 }
 
-template <Format F, int C, typename T>
-void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, const float* scale,
-          const T* bias, T* y, int64_t M) {
+// Few rows of x, bf16 (the model's dtype): q4 / q5 groups go through AVX-512 BF16 dot products,
+// each q turned into the bf16 number 128 + q by ORing 0x4300 into its 16-bit word (exact for
+// q < 128), so sum_i x_i (d q_i + m) = d sum_i x_i (128 + q_i) + (m - 128 d) sum_i x_i. Two
+// groups A, B fill one vector: 32 bytes of nibbles widen to 32 words whose low nibbles are
+// A's q_0..15 then B's q_0..15 (lanes 0-7 and 8-15 of the dot products), the high nibbles
+// q_16..31; x is laid out the same way once per call (`permute_x`), so about half the
+// instructions per weight of the float32 path remain.
+template <Format F>
+inline __m512i nibble_words(const uint8_t* row, int64_t p, bool tail) {
+  if constexpr (F == kQ4) {
+    const uint8_t* src = row + p * 32;
+    const __m256i b = tail ? _mm256_maskz_loadu_epi8(0xFFFF, src)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    return _mm512_cvtepu8_epi16(b);
+  } else {
+    const uint8_t* src = row + p * 40;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i b = tail ? _mm_setzero_si128()
+                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 20));
+    return _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1));
+  }
+}
+
+template <Format F, int MB>
+inline void pair_step(const Layout& L, const uint8_t* row, const float* drow, const uint16_t* xp,
+                      int64_t Kp, int mb, int64_t p, __m512* a) {
+  const bool tail = 2 * p + 1 >= L.groups;
+  const __m512i v = nibble_words<F>(row, p, tail);
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+  __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(0x0F));
+  __m512i hi = _mm512_srli_epi16(v, 4);
+  if constexpr (F == kQ5) {  // bit j of a group's uint32: bit 4 of q_j (added: the bit is clear)
+    uint32_t ha, hb = 0;
+    std::memcpy(&ha, row + p * 40 + 16, 4);
+    if (!tail) std::memcpy(&hb, row + p * 40 + 36, 4);
+    const __m512i five = _mm512_set1_epi16(0x10);
+    lo = _mm512_mask_add_epi16(lo, (ha & 0xFFFFu) | (hb << 16), lo, five);
+    hi = _mm512_mask_add_epi16(hi, (ha >> 16) | (hb & 0xFFFF0000u), hi, five);
+  }
+  lo = _mm512_or_si512(lo, magic);
+  hi = _mm512_or_si512(hi, magic);
+  const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(drow[2 * p]),
+                                        _mm512_set1_ps(tail ? 0.f : drow[2 * p + 1]));
+  for (int m = 0; m < MB; ++m) {
+    if (m >= mb) break;
+    const uint16_t* xm = xp + m * Kp + p * 64;
+    __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo,
+                                (__m512bh)_mm512_loadu_si512(xm));
+    s = _mm512_dpbf16_ps(s, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xm + 32));
+    a[m] = _mm512_fmadd_ps(s, d, a[m]);
+  }
+}
+
+template <Format F, int MB>
+inline void row_dot_bf16(const Layout& L, const uint8_t* row, const float* drow,
+                         const uint16_t* xp, int64_t Kp, const float* xsum, int mb, __m512* acc) {
+  __m512 a0[MB], a1[MB];
+  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  const int64_t pairs = (L.groups + 1) / 2;
+  int64_t p = 0;
+  for (; p + 1 < pairs; p += 2) {
+    pair_step<F, MB>(L, row, drow, xp, Kp, mb, p, a0);
+    pair_step<F, MB>(L, row, drow, xp, Kp, mb, p + 1, a1);
+  }
+  if (p < pairs) pair_step<F, MB>(L, row, drow, xp, Kp, mb, p, a0);
+  const __m512 c128 = _mm512_set1_ps(128.f);
+  for (int m = 0; m < mb; ++m) {
+    __m512 t = _mm512_add_ps(a0[m], a1[m]);
+    const float* xs = xsum + m * L.groups;
+    for (int64_t h = 0; h < L.groups; h += 16) {  // + sum_g (m_g - 128 d_g) sum(x over g)
+      const __mmask16 k = L.groups - h >= 16 ? 0xFFFF : (1u << (L.groups - h)) - 1;
+      const __m512 off = _mm512_fnmadd_ps(c128, _mm512_maskz_loadu_ps(k, drow + h),
+                                          _mm512_maskz_loadu_ps(k, drow + L.groups + h));
+      t = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(k, xs + h), t);
+    }
+    acc[m] = t;
+  }
+}
+
+// Output rows in tiles of 16; `dot(n, m0, mb, out)` sets out[m] to 16 lanes whose sum is
+// y[m0 + m, n] without the bias.
+template <typename T, typename Dot>
+void gemv_tiles(const Layout& L, const T* bias, T* y, int64_t M, const Dot& dot) {
   const int64_t n_tiles = (L.N + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (kTile * L.row_bytes));
   at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -131,20 +213,10 @@ void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, 
       const __m512 b = bias ? load16(bias + n0, k) : _mm512_setzero_ps();
       for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
         const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
-        const float* xm = x + m0 * L.K;
-        const float* xs = xsum + m0 * L.groups;
         for (int r = 0; r < kTile; ++r) {
           __m512 one[kMaxMB];
           if (r < rows) {
-            const int64_t n = n0 + r;
-            const uint8_t* row = w + n * L.row_bytes;
-            if (mb == 1) {
-              row_dot<F, C, 1>(L, row, L.d(scale, n), xm, xs, mb, one);
-            } else if (mb == 2) {
-              row_dot<F, C, 2>(L, row, L.d(scale, n), xm, xs, mb, one);
-            } else {
-              row_dot<F, C, kMaxMB>(L, row, L.d(scale, n), xm, xs, mb, one);
-            }
+            dot(n0 + r, m0, mb, one);
           } else {
             for (int m = 0; m < mb; ++m) one[m] = _mm512_setzero_ps();
           }
@@ -154,6 +226,41 @@ void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, 
           store16(y + (m0 + m) * L.N + n0, _mm512_add_ps(thrifty_simd::reduce16(acc[m]), b), k);
         }
       }
+    }
+  });
+}
+
+template <Format F, int C, typename T>
+void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, const float* scale,
+          const T* bias, T* y, int64_t M) {
+  gemv_tiles(L, bias, y, M, [&](int64_t n, int64_t m0, int mb, __m512* out) {
+    const uint8_t* row = w + n * L.row_bytes;
+    const float* xm = x + m0 * L.K;
+    const float* xs = xsum + m0 * L.groups;
+    if (mb == 1) {
+      row_dot<F, C, 1>(L, row, L.d(scale, n), xm, xs, mb, out);
+    } else if (mb == 2) {
+      row_dot<F, C, 2>(L, row, L.d(scale, n), xm, xs, mb, out);
+    } else {
+      row_dot<F, C, kMaxMB>(L, row, L.d(scale, n), xm, xs, mb, out);
+    }
+  });
+}
+
+template <Format F>
+void gemv_bf16(const Layout& L, const uint16_t* xp, int64_t Kp, const float* xsum,
+               const uint8_t* w, const float* scale, const at::BFloat16* bias, at::BFloat16* y,
+               int64_t M) {
+  gemv_tiles(L, bias, y, M, [&](int64_t n, int64_t m0, int mb, __m512* out) {
+    const uint8_t* row = w + n * L.row_bytes;
+    const uint16_t* xm = xp + m0 * Kp;
+    const float* xs = xsum + m0 * L.groups;
+    if (mb == 1) {
+      row_dot_bf16<F, 1>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
+    } else if (mb == 2) {
+      row_dot_bf16<F, 2>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
+    } else {
+      row_dot_bf16<F, kMaxMB>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
     }
   });
 }
@@ -232,9 +339,52 @@ void run_gemv(const Layout& L, const torch::Tensor& xf, const torch::Tensor& xsu
               const torch::Tensor& weight, const torch::Tensor& scale,
               const std::optional<torch::Tensor>& bias, torch::Tensor& y) {
   gemv<F, C, T>(L, xf.data_ptr<float>(), xsum.data_ptr<float>(),
-             reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr<float>(),
-             bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-             reinterpret_cast<T*>(y.data_ptr()), xf.size(0));
+                reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr<float>(),
+                bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+                reinterpret_cast<T*>(y.data_ptr()), xf.size(0));
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// x (M, K) -> float32 (M, K) and its group sums (M, groups).
+template <typename T>
+void prepare_float(const Layout& L, const T* x, int64_t M, float* xf, float* xsum) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < L.groups; ++g) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < L.G; ++i) {
+        const float v = to_float(x[m * L.K + g * L.G + i]);
+        xf[m * L.K + g * L.G + i] = v;
+        sum += v;
+      }
+      xsum[m * L.groups + g] = sum;
+    }
+  }
+}
+
+// bf16 x (M, K) -> (M, Kp) in the word order of `nibble_words` (per pair of groups A, B:
+// A 0-15, B 0-15, A 16-31, B 16-31; a missing B is zeros) and its group sums.
+void permute_x(const Layout& L, const uint16_t* x, int64_t M, int64_t Kp, uint16_t* xp,
+               float* xsum) {
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* dst = xp + m * Kp;
+    std::memset(dst, 0, Kp * sizeof(uint16_t));
+    for (int64_t g = 0; g < L.groups; ++g) {
+      const uint16_t* src = x + m * L.K + g * 32;
+      uint16_t* pair = dst + (g / 2) * 64 + (g % 2) * 16;
+      std::memcpy(pair, src, 16 * sizeof(uint16_t));
+      std::memcpy(pair + 32, src + 16, 16 * sizeof(uint16_t));
+      float sum = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+        float v;
+        std::memcpy(&v, &bits, sizeof(v));
+        sum += v;
+      }
+      xsum[m * L.groups + g] = sum;
+    }
+  }
 }
 
 torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
@@ -242,19 +392,41 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
                         int64_t fmt, int64_t G) {
   const Layout L = check(weight, scale, fmt, G);
   check_x(L, x, bias);
-  const torch::Tensor xf = x.reshape({-1, L.K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
+  const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
+  const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
   if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
-  // Group sums of x, for the offsets m (q8 has none).
-  torch::Tensor xsum = fmt == kQ8 ? xf : xf.view({M, L.groups, G}).sum(-1).contiguous();
+  const auto opts = x.options().dtype(at::kFloat);
+  torch::Tensor xsum = torch::empty({M, L.groups}, opts);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  if (bf16 && fmt != kQ8) {
+    const int64_t Kp = (L.groups + 1) / 2 * 64;
+    torch::Tensor xp = torch::empty({M, Kp}, x.options());
+    auto xpp = reinterpret_cast<uint16_t*>(xp.data_ptr());
+    permute_x(L, reinterpret_cast<const uint16_t*>(x2.data_ptr()), M, Kp, xpp,
+              xsum.data_ptr<float>());
+    auto bp = bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr;
+    auto yp = reinterpret_cast<at::BFloat16*>(y.data_ptr());
+    if (fmt == kQ4) {
+      gemv_bf16<kQ4>(L, xpp, Kp, xsum.data_ptr<float>(), wp, scale.data_ptr<float>(), bp, yp, M);
+    } else {
+      gemv_bf16<kQ5>(L, xpp, Kp, xsum.data_ptr<float>(), wp, scale.data_ptr<float>(), bp, yp, M);
+    }
+    return y.view(out_shape(x, L.N));
+  }
+  torch::Tensor xf = torch::empty({M, L.K}, opts);
+  if (bf16) {
+    prepare_float(L, reinterpret_cast<const at::BFloat16*>(x2.data_ptr()), M,
+                  xf.data_ptr<float>(), xsum.data_ptr<float>());
+  } else {
+    prepare_float(L, x2.data_ptr<float>(), M, xf.data_ptr<float>(), xsum.data_ptr<float>());
+  }
   if (fmt == kQ4) {
     bf16 ? run_gemv<kQ4, 2, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
          : run_gemv<kQ4, 2, float>(L, xf, xsum, weight, scale, bias, y);
   } else if (fmt == kQ5) {
-    bf16 ? run_gemv<kQ5, 2, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
-         : run_gemv<kQ5, 2, float>(L, xf, xsum, weight, scale, bias, y);
+    run_gemv<kQ5, 2, float>(L, xf, xsum, weight, scale, bias, y);
   } else if (G == 32) {
     bf16 ? run_gemv<kQ8, 2, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
          : run_gemv<kQ8, 2, float>(L, xf, xsum, weight, scale, bias, y);
