@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tokens drafted per step by the model's MTP layers (DeepSeek-V3; default 0: off)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_positive,
+        help="ranks that split the model (tensor parallel; MoE experts: expert parallel); more"
+        " than 1 spawns the others on this machine, or joins torchrun's (default 1)",
+    )
     p.add_argument("--max-n", type=int, help="samples per request (default 16)")
     p.add_argument(
         "--max-queued-requests",
@@ -265,11 +271,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from thrifty import hub, kernels
     from thrifty.config import EngineConfig, parse_dtype
+    from thrifty.engine import ranks
     from thrifty.engine.llm_engine import LLMEngine
     from thrifty.server.app import check_address, serve
     from thrifty.server.config import ServerConfig
 
-    check_address(args.host, args.port)  # before spending seconds on the model
+    if not ranks.is_follower():  # torchrun's ranks > 0 serve nothing
+        check_address(args.host, args.port)  # before spending seconds on the model
 
     def given(*names: str) -> dict[str, Any]:
         return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -289,6 +297,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "block_size",
             "num_threads",
             "num_speculative_tokens",
+            "tensor_parallel_size",
         ),
     )
     name = args.model or hub.DEFAULT_MODEL
@@ -298,6 +307,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         **given("max_n", "max_queued_requests", "max_body_bytes", "allowed_origins"),
     )
     path = hub.resolve(args.model)
+    if ranks.is_follower():  # under torchrun: rank 0 serves, this rank runs its steps
+        ranks.follow(path, config, args.allow_pickle)
+        return
 
     def load() -> LLMEngine:
         if config.device.partition(":")[0] == "cpu":  # built now, not by the first request

@@ -341,11 +341,14 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     # "fp8" / "fp8-all": quantize linear weights on load (UE8M0 scales); -all: the head too
     quantization: str | None = None
+    # Ranks that split the model (heads, MLP columns, vocabulary; MoE experts): 1 is one
+    # process; more spawns the others, or joins torchrun's (thrifty/engine/ranks.py).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         positive = (
             "block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
-            "long_prefill_tokens",
+            "long_prefill_tokens", "tensor_parallel_size",
         )  # fmt: skip
         optional = ("num_kv_blocks", "max_model_len", "num_threads")
         for name in positive + optional:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from thrifty.config import EngineConfig, ModelConfig
+from thrifty.engine import ranks
 from thrifty.engine.block_manager import BlockManager
 from thrifty.engine.model_runner import (
     ModelRunner,
@@ -67,6 +68,11 @@ class LLMEngine:
             raise ThriftyError(f"device {config.device!r} is not usable: {why}") from None
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        self.other_ranks = None  # ranks 1..N-1, when this one spawned them
+        if config.tensor_parallel_size > 1:
+            if config.num_speculative_tokens:
+                raise ThriftyError("speculative decoding does not work with tensor parallelism yet")
+            config, self.other_ranks = ranks.join(path, config, allow_pickle)
         self.path = Path(path)
         self.model_config = cfg = ModelConfig.from_dir(self.path)
         # Sized from the engine config before anything is loaded: a KV cache past the device's

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from thrifty import distributed
 from thrifty.config import EngineConfig, ModelConfig
 from thrifty.engine.block_manager import NULL_BLOCK
 from thrifty.engine.sampler import Sampler
@@ -28,7 +29,16 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, model: nn.Module | 
         return math.prod(model.kv_cache_layout()) * dtype.itemsize
     if cfg.mla is not None:  # before the model exists: the main layers' latents, no MTP layers
         return cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * dtype.itemsize
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    return 2 * cfg.num_layers * local_kv_heads(cfg) * cfg.head_dim * dtype.itemsize
+
+
+def local_kv_heads(cfg: ModelConfig) -> int:
+    """KV heads cached on this rank: its share under tensor parallelism, at least one."""
+    return (
+        cfg.num_kv_heads
+        * distributed.kv_head_replicas(cfg.num_kv_heads)
+        // (distributed.world_size())
+    )
 
 
 def num_kv_blocks(config: EngineConfig, bytes_per_token: int) -> int:
@@ -113,6 +123,7 @@ class ModelRunner:
         else:
             self._allocate_kv_heads(model, cfg, config)
         self.sampler = Sampler()
+        self.parallel = distributed.world_size() > 1
         self.num_prefill_tokens = 0  # prompt tokens computed (not served from the prefix cache)
         self.num_decode_tokens = 0
 
@@ -126,7 +137,7 @@ class ModelRunner:
             cfg.num_layers,
             self.num_blocks,
             config.block_size,
-            cfg.num_kv_heads,
+            local_kv_heads(cfg),
             cfg.head_dim,
             dtype=config.dtype,
             device=self.device,
@@ -159,11 +170,25 @@ class ModelRunner:
                 sample_rows.append(first + n - 1)
                 sample_seqs.append(seq)
             self.count(seq, start, n)
-        hidden = fwd.run(self.model, self.block_size, self.device)
-        if not sample_seqs:
+        if self.parallel:  # the other ranks run the same forward on their shards
+            distributed.broadcast_step((fwd, sample_rows))
+        logits = self.logits(fwd, sample_rows)
+        if logits is None:
             return [], [], []
-        if len(sample_rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
-        logits = self.model.compute_logits(hidden)
         tokens, logprobs = self.sampler(logits, sample_seqs)
         return sample_seqs, tokens, logprobs
+
+    def logits(self, fwd: ForwardBatch, sample_rows: list[int]) -> torch.Tensor | None:
+        """The forward pass of `fwd`, then the logits (rows, vocab) of `sample_rows`."""
+        hidden = fwd.run(self.model, self.block_size, self.device)
+        if not sample_rows:
+            return None
+        if len(sample_rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks > 0: run each step rank 0 broadcasts, until it broadcasts None."""
+        while (step := distributed.receive_step()) is not None:
+            self.logits(*step)

@@ -130,14 +130,31 @@ def _safetensors_entry_end(file: Path, name: str, entry: Any) -> int:
     return end
 
 
+class TensorSlice:
+    """A safetensors tensor not read yet: its shape, then a read of the whole or of one slice
+    (safetensors' get_slice reads only the slice's bytes). Tensor parallelism's loader."""
+
+    def __init__(self, handle: Any, name: str):
+        self._slice = handle.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def read(self, dim: int | None = None, start: int = 0, length: int = 0) -> torch.Tensor:
+        if dim is None:
+            return self._slice[:]
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+
 def iter_tensors(
-    path: Path, *, allow_pickle: bool = False, gguf_quantized: bool = False
+    path: Path, *, allow_pickle: bool = False, gguf_quantized: bool = False, sliced: bool = False
 ) -> Iterator[tuple[str, Any]]:
     """Yield (name, tensor) for every tensor of the checkpoint, memory-mapped where possible.
 
     A converted GGUF directory's tensors come from its GGUF file, dequantized to float32; with
     `gguf_quantized` those of a type with a native kernel come as GgufTensor instead, for the
-    loader to keep quantized (thrifty/loader/gguf_weights.py).
+    loader to keep quantized (thrifty/loader/gguf_weights.py). With `sliced`, safetensors
+    tensors come as TensorSlice, for the loader to read only its rank's part.
     """
     from thrifty.loader.gguf_weights import gguf_source, iter_gguf_tensors
 
@@ -155,7 +172,7 @@ def iter_tensors(
             raise ThriftyError(f"{file} is not a valid safetensors file ({e})") from None
         with f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                yield name, TensorSlice(f, name) if sliced else f.get_tensor(name)
 
 
 def _load_pickled(file: Path) -> dict[str, torch.Tensor]:

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thrifty import distributed
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.loader.checkpoint import iter_tensors
 from thrifty.loader.fp8 import Fp8Weights
 from thrifty.loader.gguf_weights import GgufTensor, GgufWeights
+from thrifty.loader.sharded import read_shard
 from thrifty.models import model_class
 from thrifty.models.layers import pack_linears
 
@@ -68,11 +70,23 @@ def load_model(
     fp8_weights = Fp8Weights(model, cfg.quantization, quantization, dtype, device)
     gguf_weights = GgufWeights(model, dtype, device, keep=quantization is None)
 
-    for name, tensor in iter_tensors(Path(path), allow_pickle=allow_pickle, gguf_quantized=True):
-        if name.endswith(ignored) or fp8_weights.take_scale(name, tensor):
+    # Tensor parallelism: each rank reads only its slice of each tensor (sharded.py); GGUF
+    # weights come dequantized, since their quantized blocks are not split.
+    sliced = distributed.world_size() > 1
+    tensors = iter_tensors(
+        Path(path), allow_pickle=allow_pickle, gguf_quantized=not sliced, sliced=sliced
+    )
+    for name, tensor in tensors:
+        if name.endswith(ignored):
             continue
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # some tied checkpoints store the head anyway
+        if sliced:
+            tensor = read_shard(model, name, _split_packed(name, packed), tensor)
+            if tensor is None:  # another rank's expert
+                continue
+        if fp8_weights.take_scale(name, tensor):
+            continue
         target, shard, rows = _split_packed(name, packed)
         if target not in params:
             raise ThriftyError(f"unexpected tensor {name!r} in checkpoint {path}")

@@ -22,6 +22,7 @@ from thrifty.config import ModelConfig
 from thrifty.models.layers import Linear, RMSNorm, RotaryEmbedding
 from thrifty.models.mla import MLAttention
 from thrifty.models.moe import Expert, MoE
+from thrifty.models.parallel import ParallelLMHead, VocabParallelEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -68,8 +69,7 @@ class MTPLayer(DecoderLayer):
 class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         n = cfg.num_layers
         self.layers = nn.ModuleList(
             [DecoderLayer(cfg, i) for i in range(n)]
@@ -87,7 +87,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = cfg
         self.num_layers = cfg.num_layers
         self.model = DeepseekModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(

@@ -12,9 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from thrifty import distributed
 from thrifty.config import ModelConfig
 from thrifty.models.attention import paged_attention
-from thrifty.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from thrifty.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from thrifty.models.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 @dataclass(frozen=True)
@@ -30,18 +37,22 @@ class Rope:
 
 
 class Attention(nn.Module):
+    """Under tensor parallelism each rank runs its own heads (and the KV heads they read)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        kv_replicas = distributed.kv_head_replicas(cfg.num_kv_heads)
+        self.num_heads = distributed.split(cfg.num_heads, "attention heads")
+        self.num_kv_heads = cfg.num_kv_heads * kv_replicas // distributed.world_size()
+        self.head_dim = d = cfg.head_dim
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias, replicas=[1, kv_replicas, kv_replicas]
+        )
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -67,8 +78,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        ffn = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [ffn, ffn], bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(ffn, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -90,7 +102,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -104,15 +116,17 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
 
     def packed_modules(self) -> dict[str, list[tuple[str, int]]]:
-        """Merged parameters: target suffix -> [(checkpoint suffix, rows along dim 0)]."""
-        c = self.config
-        q, kv, ffn = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        """Merged parameters: target suffix -> [(checkpoint suffix, rows along dim 0)]: this
+        rank's rows under tensor parallelism (the layers' shards say which)."""
+        attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
+        q, kv = attn.qkv_proj.shard.size(0), attn.qkv_proj.shard.size(1)
+        ffn = mlp.gate_up_proj.shard.size(0)
         return {
             "qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
             "gate_up_proj": [("gate_proj", ffn), ("up_proj", ffn)],

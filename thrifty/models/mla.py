@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thrifty import kernels
+from thrifty import distributed, kernels
 from thrifty.config import ModelConfig
+from thrifty.distributed import Shard
 from thrifty.models.attention import get_context
 from thrifty.models.layers import Linear, RMSNorm, RotaryEmbedding, yarn_mscale
+from thrifty.models.parallel import ColumnParallelLinear, RowParallelLinear
 
 # DeepSeek's reference code (and transformers) build the two low-rank norms with the RMSNorm
 # default, not the config's rms_norm_eps.
@@ -31,22 +33,28 @@ LORA_NORM_EPS = 1e-6
 
 class KVUpProjection(nn.Module):
     """kv_b_proj: latent -> per-head k_nope and v. The absorbed form reads its weight as per-head
-    matrices, so it keeps the checkpoint's layout (it is not a Linear, which may be packed)."""
+    matrices, so it keeps the checkpoint's layout (it is not a Linear, which may be packed).
+    Under tensor parallelism it keeps its rank's heads, as q_b_proj does."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.shard = Shard(0, (out_features,))
+        self.weight = nn.Parameter(torch.empty(self.shard.local, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
 
 class MLAttention(nn.Module):
+    """Under tensor parallelism each rank runs its own heads; the latent (kv_a_proj_with_mqa)
+    is computed, and cached, whole on every rank, since every head reads all of it."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         m = cfg.mla
         assert m is not None
-        self.num_heads = h = cfg.num_heads
+        h = cfg.num_heads
+        self.num_heads = distributed.split(h, "attention heads")
         self.kv_lora_rank, self.nope, self.rope_dim, self.v_dim = (
             m.kv_lora_rank,
             m.qk_nope_head_dim,
@@ -56,17 +64,17 @@ class MLAttention(nn.Module):
         self.q_lora_rank = m.q_lora_rank
         self.rope_interleave = m.rope_interleave
         if m.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, h * m.qk_head_dim)
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, [h * m.qk_head_dim])
         else:
             self.q_a_proj = Linear(cfg.hidden_size, m.q_lora_rank, bias=cfg.qkv_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LORA_NORM_EPS)
-            self.q_b_proj = Linear(m.q_lora_rank, h * m.qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(m.q_lora_rank, [h * m.qk_head_dim])
         self.kv_a_proj_with_mqa = Linear(
             cfg.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, bias=cfg.qkv_bias
         )
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = KVUpProjection(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim))
-        self.o_proj = Linear(h * m.v_head_dim, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(h * m.v_head_dim, cfg.hidden_size, bias=cfg.qkv_bias)
         # YaRN's softmax correction (DeepSeek's mscale): the logits grow by mscale^2.
         self.scale = m.qk_head_dim**-0.5
         rope = cfg.rope

@@ -5,6 +5,10 @@ of `n_group` expert groups by their best score) and DeepSeek-V3 (sigmoid scores;
 `e_score_correction_bias` steers the choice but not the weights; groups ranked by the sum of their
 two best scores). The experts run grouped (`grouped_experts`): the (token, expert) pairs are
 sorted by expert, so each chosen expert runs once per step on all of its tokens.
+
+Under expert parallelism (one rank per slice of the experts, `ep_experts`) each rank routes its
+share of the tokens, sends each (token, expert) pair to the expert's rank (all-to-all dispatch),
+runs its own experts on what arrives and sends the results back (all-to-all combine).
 """
 
 from __future__ import annotations
@@ -13,17 +17,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty import distributed
 from thrifty.config import MoEConfig
 from thrifty.models.layers import Linear
+from thrifty.models.parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class Expert(nn.Module):
-    """A SwiGLU MLP; gate and up are stored merged (the loader's `packed_modules`)."""
+    """A SwiGLU MLP; gate and up are stored merged (the loader's `packed_modules`).
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    `tensor_parallel`: split across the ranks (a dense MLP, the shared experts); a routed expert
+    stays whole on the one rank that holds it.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tensor_parallel: bool = True):
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        if tensor_parallel:
+            ffn = intermediate_size
+            self.gate_up_proj: Linear = ColumnParallelLinear(hidden_size, [ffn, ffn])
+            self.down_proj: Linear = RowParallelLinear(ffn, hidden_size)
+        else:
+            self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+            self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -104,13 +119,59 @@ def naive_experts(
     return out
 
 
+class RemoteExpert(nn.Module):
+    """The place of an expert held by another rank: no weights (the loader skips its tensors)."""
+
+    remote = True
+
+
+def ep_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList
+) -> torch.Tensor:
+    """grouped_experts with the experts split evenly over the ranks in order (rank r holds
+    experts [r * E / R, (r + 1) * E / R)), the others' places held by RemoteExperts.
+
+    Every rank has the same N tokens (attention is tensor parallel): each routes its own
+    ceil(N / R) of them, and the rows come back together with one all-gather.
+    x: (N, D); weights, ids: (N, k).
+    """
+    world, me = distributed.world_size(), distributed.rank()
+    n, k = ids.shape
+    per_rank, per_owner = -(-n // world), len(experts) // world
+    mine = slice(min(me * per_rank, n), min((me + 1) * per_rank, n))
+    xs, flat = x[mine], ids[mine].flatten()  # pair p is token p // k of this rank's share
+    order = (flat // per_owner).argsort(stable=True)  # pairs grouped by the expert's rank
+    send = torch.bincount(flat // per_owner, minlength=world)
+    sent, received = send.tolist(), distributed.exchange_counts(send)
+    # Dispatch: each pair's token and expert to the expert's rank.
+    tokens = distributed.all_to_all(xs[order // k], sent, received)
+    expert = distributed.all_to_all(flat[order], sent, received)
+    ones = torch.ones(len(expert), 1, dtype=weights.dtype, device=x.device)
+    done = grouped_experts(tokens, ones, expert[:, None], experts)  # (pairs received, D)
+    # Combine: the results go back to the tokens' ranks, in the order they were sent.
+    back = distributed.all_to_all(done, received, sent)
+    back = back * weights[mine].flatten()[order, None].to(back.dtype)
+    out = torch.zeros(per_rank, x.shape[1], dtype=x.dtype, device=x.device)
+    out.index_add_(0, order // k, back)
+    return distributed.all_gather(out, dim=0)[:n]
+
+
 class MoE(nn.Module):
+    """Under expert parallelism this rank builds only its experts; the shared experts are
+    split by tensor parallelism like a dense MLP."""
+
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()
         self.gate = Router(hidden_size, cfg)
+        per_rank = distributed.split(cfg.num_experts, "routed experts")
+        first = distributed.rank() * per_rank
         self.experts = nn.ModuleList(
-            Expert(hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+            Expert(hidden_size, cfg.moe_intermediate_size, tensor_parallel=False)
+            if first <= e < first + per_rank
+            else RemoteExpert()
+            for e in range(cfg.num_experts)
         )
+        self.run_experts = grouped_experts if distributed.world_size() == 1 else ep_experts
         if cfg.num_shared_experts:
             self.shared_experts = Expert(
                 hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts
@@ -119,5 +180,5 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = grouped_experts(x, weights, ids, self.experts)
+        out = self.run_experts(x, weights, ids, self.experts)
         return out + self.shared_experts(x) if self.has_shared else out

@@ -1,0 +1,234 @@
+"""Tensor and expert parallelism on 2 gloo processes: the same greedy tokens as one process.
+
+Tiny random Llama / Qwen2 (one KV head, replicated on both ranks) / Qwen3 (qk-norm, tied
+head) / DeepSeek-V3 (MLA, grouped routing, shared experts, experts split over the ranks with
+all-to-all dispatch and combine), each run in a subprocess (tests/tp_generate.py) that spawns its
+second rank. Also: which slice of each checkpoint tensor a rank loads, and `thrifty serve
+--tensor-parallel-size 2` through the openai client, its shutdown and a rank's death.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import tp_generate
+import transformers
+from safetensors.torch import load_file
+from test_server import KEY, launch, openai_client
+
+from thrifty import distributed, hub
+from thrifty.config import ModelConfig
+from thrifty.errors import ThriftyError
+from thrifty.loader import weights
+from thrifty.loader.weights import load_model
+from thrifty.models.moe import RemoteExpert
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
+CASES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2-one-kv-head": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        {"num_key_value_heads": 1, "tie_word_embeddings": False},
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        {"head_dim": 32, "tie_word_embeddings": True},
+    ),
+    "deepseek-v3": (
+        transformers.DeepseekV3Config,
+        transformers.DeepseekV3ForCausalLM,
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            moe_intermediate_size=32,
+            kv_lora_rank=32,
+            q_lora_rank=48,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=32,
+            v_head_dim=24,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+        ),
+    ),
+}
+PROMPTS = [[(7 * i + 3 * j) % 300 for j in range(n)] for i, n in enumerate((5, 11, 17))]
+
+
+def tiny(case: str, path: Path) -> Path:
+    """A tiny random checkpoint of `case` with SmolLM2's tokenizer files (prompts are ids)."""
+    config_cls, model_cls, extra = CASES[case]
+    torch.manual_seed(0)
+    hf = model_cls(config_cls(**{**COMMON, **extra})).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make them count
+        for name, p in hf.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path)
+    source = hub.resolve("smollm2-135m-instruct", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_decode_the_tokens_of_one(case, tmp_path):
+    path = tiny(case, tmp_path)
+    one = tp_generate.generate(str(path), 1, PROMPTS)
+    script = Path(__file__).with_name("tp_generate.py")
+    run = subprocess.run(
+        [sys.executable, str(script), str(path), "2", json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(run.stdout)
+    assert [len(t) for t in one] == [4, 7, 10]
+    assert two == one
+
+
+@pytest.fixture
+def as_rank_1_of_2(monkeypatch):
+    """Build models as rank 1 of 2 would (construction and loading need no process group)."""
+    monkeypatch.setattr(distributed, "_rank", 1)
+    monkeypatch.setattr(distributed, "_world_size", 2)
+    monkeypatch.setattr(weights, "pack_linears", lambda model: 0)  # checkpoint layouts to compare
+
+
+def test_rank_loads_its_slices(tmp_path, as_rank_1_of_2):
+    path = tiny("qwen2-one-kv-head", tmp_path / "qwen2")
+    full = load_file(path / "model.safetensors")
+    model = load_model(path, ModelConfig.from_dir(path), dtype=torch.float32)
+    layer = model.model.layers[1]
+    p = "model.layers.1.self_attn."
+    # Heads 2 and 3 of q; the only KV head, replicated; o_proj's input columns of heads 2, 3.
+    q, k, v = (full[p + f"{x}_proj.weight"] for x in "qkv")
+    assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat((q[32:], k, v)))
+    qb, kb = full[p + "q_proj.bias"], full[p + "k_proj.bias"]
+    assert torch.equal(layer.self_attn.qkv_proj.bias[:32], qb[32:])
+    assert torch.equal(layer.self_attn.qkv_proj.bias[32:48], kb)
+    assert torch.equal(layer.self_attn.o_proj.weight, full[p + "o_proj.weight"][:, 32:])
+    m = "model.layers.1.mlp."
+    gate, up = full[m + "gate_proj.weight"], full[m + "up_proj.weight"]
+    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat((gate[48:], up[48:])))
+    assert torch.equal(layer.mlp.down_proj.weight, full[m + "down_proj.weight"][:, 48:])
+    assert torch.equal(model.model.embed_tokens.weight, full["model.embed_tokens.weight"][150:])
+    assert torch.equal(model.lm_head.weight, full["lm_head.weight"][150:])
+    assert torch.equal(model.model.norm.weight, full["model.norm.weight"])  # replicated
+
+
+def test_rank_loads_its_experts(tmp_path, as_rank_1_of_2):
+    path = tiny("deepseek-v3", tmp_path / "ds")
+    full = load_file(path / "model.safetensors")
+    model = load_model(path, ModelConfig.from_dir(path), dtype=torch.float32)
+    experts = model.model.layers[1].mlp.experts
+    assert [isinstance(e, RemoteExpert) for e in experts] == [True] * 4 + [False] * 4
+    e5 = "model.layers.1.mlp.experts.5."
+    assert torch.equal(
+        experts[5].gate_up_proj.weight,
+        torch.cat((full[e5 + "gate_proj.weight"], full[e5 + "up_proj.weight"])),
+    )
+    attn, a = model.model.layers[1].self_attn, "model.layers.1.self_attn."
+    assert attn.num_heads == 2
+    assert torch.equal(attn.kv_b_proj.weight, full[a + "kv_b_proj.weight"][2 * 56 :])
+    assert torch.equal(attn.q_b_proj.weight, full[a + "q_b_proj.weight"][2 * 48 :])
+    assert torch.equal(attn.kv_a_proj_with_mqa.weight, full[a + "kv_a_proj_with_mqa.weight"])
+
+
+def test_indivisible_heads_are_refused(tmp_path, monkeypatch):
+    path = tiny("llama", tmp_path)
+    monkeypatch.setattr(distributed, "_world_size", 3)
+    with pytest.raises(ThriftyError, match="over 3 ranks"):
+        load_model(path, ModelConfig.from_dir(path), dtype=torch.float32)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# SmolLM2-135M's 9 heads (3 KV heads) do not split over 2 ranks; Qwen2.5-Coder-0.5B's 14 (2) do.
+QWEN = "qwen2.5-coder-0.5b-instruct"
+SERVE = ("--tensor-parallel-size", "2", "--num-threads", "1", "--max-model-len", "512")
+
+
+def test_server_with_two_ranks(qwen_gguf):
+    procs: list = []
+    with launch(*SERVE, env={"THRIFTY_API_KEY": KEY}, procs=procs, model=QWEN) as url:
+        client = openai_client(url)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        full = client.chat.completions.create(
+            model=QWEN, messages=question, max_tokens=16, temperature=0
+        )
+        assert "Paris" in full.choices[0].message.content
+        stream = client.chat.completions.create(
+            model=QWEN, messages=question, max_tokens=16, temperature=0, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == full.choices[0].message.content
+        server = procs[0]
+        ranks = [p for p in _children(server.pid) if _alive(p)]
+        assert ranks, "rank 1 is not a child of the server"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) is not None
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in ranks), "a rank outlived the server"
+
+
+def test_a_rank_that_dies_stops_the_server(qwen_gguf):
+    procs: list = []
+    with launch(*SERVE, procs=procs, model=QWEN):
+        server = procs[0]
+        rank = next(p for p in _children(server.pid) if b"spawn_main" in _cmdline(p))
+        os.kill(rank, signal.SIGKILL)
+        assert server.wait(timeout=30) == 1
+        log = b"".join(server.log).decode(errors="replace")
+        assert "error: tensor-parallel rank 1 exited" in log

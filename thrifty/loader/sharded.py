@@ -1,0 +1,73 @@
+"""Tensor and expert parallelism's loading: each rank reads only its slice of each tensor.
+
+A layer with a `shard` (models/parallel.py, MLA's kv_b_proj) takes its rows or columns, each
+merged part (q, k, v; gate, up) on its own; an expert another rank holds is not read at all;
+everything else is read whole (norms, routers, MLA's latent projections). Safetensors tensors
+come as TensorSlice, so only the slice's bytes are read; others (GGUF dequantized, pickled) are
+cut from the whole tensor and copied, so that the whole is freed at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from thrifty.errors import ThriftyError
+from thrifty.loader.checkpoint import TensorSlice
+from thrifty.quant import fp8
+
+
+def read_shard(
+    model: nn.Module, name: str, split: tuple[str, int | None, int | None], tensor
+) -> torch.Tensor | None:
+    """This rank's part of checkpoint tensor `name` (its parameter and merged part in `split`,
+    as _split_packed says); None for a tensor of an expert held by another rank."""
+    if name.endswith(fp8.SCALE_SUFFIX):
+        raise ThriftyError(
+            "tensor parallelism needs a dense checkpoint (bf16, fp16, fp32 or GGUF): splitting "
+            "FP8 weights' 128x128 block scales is not supported yet; --quantization fp8 "
+            "quantizes dense weights after they are split"
+        )
+    target, part, _ = split
+    module_name, _, attr = target.rpartition(".")
+    module = _submodule(model, module_name)
+    if module is None:
+        return None if _is_remote(model, module_name) else _read(tensor)  # the loader names it
+    shard = getattr(module, "shard", None)
+    local = getattr(module, attr, None)
+    if shard is None or not isinstance(local, torch.Tensor) or shard.dim >= local.dim():
+        return _read(tensor)  # replicated (a row-parallel layer's bias too)
+    part = part or 0
+    expected = list(local.shape)
+    expected[shard.dim] = shard.parts[part]
+    if list(tensor.shape) != expected:
+        raise ThriftyError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+        )
+    start, length = shard.start(part), shard.size(part)
+    if isinstance(tensor, TensorSlice):
+        return tensor.read(shard.dim, start, length)
+    return tensor.narrow(shard.dim, start, length).clone()
+
+
+def _read(tensor) -> torch.Tensor:
+    return tensor.read() if isinstance(tensor, TensorSlice) else tensor
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _is_remote(model: nn.Module, name: str) -> bool:
+    """Whether `name` lies under a module held by another rank (a RemoteExpert)."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        module = _submodule(model, ".".join(parts[:i]))
+        if module is None:
+            return False
+        if getattr(module, "remote", False):
+            return True
+    return False
