@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from thrifty import hub
 
@@ -72,7 +73,10 @@ def converted() -> Path:
 def bad_inputs(tmp_path_factory, converted) -> dict[str, tuple[list[str], dict, str]]:
     """name -> (CLI arguments, extra environment, a phrase the error line must contain)."""
     tmp = tmp_path_factory.mktemp("cli")
-    small_files = [f for f in converted.iterdir() if f.suffix == ".json"]
+    # Not the marker: a directory holding it reads its weights from the GGUF it names.
+    small_files = [
+        f for f in converted.iterdir() if f.suffix == ".json" and f.name != hub.CONVERTED_MARKER
+    ]
 
     mamba = tmp / "mamba"
     mamba.mkdir()
@@ -82,7 +86,10 @@ def bad_inputs(tmp_path_factory, converted) -> dict[str, tuple[list[str], dict, 
     truncated.mkdir()
     for f in small_files:
         shutil.copy(f, truncated)
-    weights = converted / "model.safetensors"
+    # A converted GGUF holds no safetensors now (its weights are read from the GGUF): a
+    # stand-in with the model's embedding, cut in half.
+    weights = tmp / "whole.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(49152, 576)}, weights)
     copy_prefix(weights, truncated / "model.safetensors", weights.stat().st_size // 2)
 
     gguf = tmp / "x.gguf"
@@ -115,6 +122,13 @@ def bad_inputs(tmp_path_factory, converted) -> dict[str, tuple[list[str], dict, 
         "negative temperature": (["run", "hi", "--temperature", "-1"], {}, "temperature"),
         "unknown device": (["run", "hi", "--device", "nosuchdevice"], {}, "nosuchdevice"),
         "zero context length": (["run", "hi", "--max-model-len", "0"], {}, "--max-model-len"),
+        "missing chat template": (
+            ["run", "hi", "--chat-template", "no-such.jinja"],
+            {},
+            "--chat-template",
+        ),
+        "empty stdin for run -": (["run", "-"], {}, "stdin"),
+        "show an unknown model": (["show", "no-such-model"], {}, "unknown model"),
     }
 
 
@@ -130,19 +144,31 @@ CASES = [
     "negative temperature",
     "unknown device",
     "zero context length",
+    "missing chat template",
+    "empty stdin for run -",
+    "show an unknown model",
 ]
-CHAT_INPUT = "hello\n/reset\nWhat is 2+2?\n/exit\n"
+# A chat through a pipe: commands, a setting, and a message across lines between two """.
+CHAT_INPUT = (
+    "hello\n/help\n/reset\n/set temperature 0\n/set top_k x\n/system Answer briefly.\n"
+    '"""\nWhat is\n2+2?\n"""\n/model\n/nonsense\n/bye\nnever sent\n'
+)
 
 
 @pytest.fixture(scope="module")
 def results(bad_inputs) -> dict[str, Result]:
     assert sorted(bad_inputs) == sorted(CASES)
+    greedy = ["--temperature", "0", "--max-tokens", "24"]
     runs = {
-        "run": (["run", "What is the capital of France?", "--max-tokens", "24"], {}, None),
+        "run": (["run", "What is the capital of France?", *greedy], {}, None),
         "chat": (["chat", "--max-tokens", "24"], {}, CHAT_INPUT),
+        "run stdin": (["run", MODEL, "-", *greedy], {}, "What is the capital of France?\n"),
+        "run without a prompt": (["run", MODEL, *greedy], {}, "What is 2+2?\n"),
+        "story": (["run", "Tell me a short story about a robot.", "--seed", "0"], {}, None),
         "models": (["models"], {}, None),
+        "show": (["show"], {}, None),
     }
-    runs |= {name: (args, env, None) for name, (args, env, _) in bad_inputs.items()}
+    runs |= {name: (args, env, "") for name, (args, env, _) in bad_inputs.items()}
     return run_all(runs)
 
 
@@ -171,15 +197,63 @@ def test_run_answers_the_question(results):
 def test_models_lists_the_cached_model(results):
     proc = results["models"]
     assert proc.returncode == 0, proc.stderr
-    assert any(line.startswith(MODEL) for line in proc.stdout.splitlines())
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith(MODEL + " ")]
+    assert line.split()[1:4:2] == ["registry", "MB"]  # name first, with its disk size
 
 
 def test_chat_answers_resets_and_exits(results):
     proc = results["chat"]
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "(conversation cleared)" in proc.stderr
-    # input() writes its ">>> " prompt to stdout when stdin is not a terminal.
+    err = proc.stderr
+    banner = f"thrifty chat with {MODEL} (temperature 0.7, top_p 0.9, top_k 0,"
+    assert any(line.startswith(banner) for line in err.splitlines()), err
+    assert "/set NAME VALUE" in err  # /help went to the chat, not to the model
+    assert "(conversation cleared)" in err
+    assert "(temperature = 0.0)" in err and "error: top_k: invalid literal" in err
+    assert "(system: 'Answer briefly.')" in err
+    assert f"{MODEL} at " in err and "temperature 0.0" in err  # /model
+    assert "unknown command /nonsense" in err
+    # The chat writes its ">>> " prompt to stdout when stdin is not a terminal: "hello" and
+    # the three-line message are the only turns the model saw, and /bye ended it.
     answers = [part.strip() for part in proc.stdout.split(">>> ") if part.strip()]
     assert len(answers) == 2, proc.stdout
     assert "4" in answers[1]
+
+
+def test_run_reads_the_prompt_from_stdin(results):
+    proc = results["run stdin"]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == results["run"].stdout  # the same greedy answer as given inline
+
+
+def test_run_without_a_prompt_opens_a_chat(results):
+    proc = results["run without a prompt"]
+    assert proc.returncode == 0, proc.stderr
+    banner = f"thrifty chat with {MODEL} (temperature 0.0,"
+    assert any(line.startswith(banner) for line in proc.stderr.splitlines()), proc.stderr
+    answers = [part.strip() for part in proc.stdout.split(">>> ") if part.strip()]
+    assert len(answers) == 1 and "4" in answers[0], proc.stdout
+
+
+def test_run_samples_with_the_defaults_and_does_not_loop(results):
+    """Greedy SmolLM2 repeats one sentence of this story until max_tokens (issue 21); with the
+    defaults it ends on its own. The seed fixes the sample."""
+    proc = results["story"]
+    assert proc.returncode == 0, proc.stderr
+    sentences = [s.strip() for s in proc.stdout.replace("\n", " ").split(".") if s.strip()]
+    assert len(sentences) >= 3
+    assert max(sentences.count(s) for s in sentences) == 1, proc.stdout
+
+
+def test_show_describes_the_default_model(results):
+    proc = results["show"]
+    assert proc.returncode == 0, proc.stderr
+    fields = dict(line.split(None, 1) for line in proc.stdout.splitlines()[:8])
+    assert fields["model"] == MODEL
+    assert fields["architecture"].startswith("LlamaForCausalLM: 30 layers")
+    assert fields["parameters"] == "134.5 M"  # SmolLM2-135M, tied embeddings counted once
+    assert fields["quantization"].startswith("Q4_1 ")
+    assert fields["context"] == "8,192 tokens"
+    assert fields["sampling"].startswith("temperature 0.7, top_p 0.9, top_k 0")
+    assert "<|im_start|>" in proc.stdout  # the template

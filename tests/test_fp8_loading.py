@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,15 @@ def test_thrifty_quantize_writes_a_checkpoint_that_loads_and_generates(
     assert "Paris" in out[0].outputs[0].text
     with pytest.raises(ThriftyError, match="already quantized"):
         quantize_checkpoint(dst, tmp_path / "again")
+
+
+def test_quantized_files_are_readable_by_others(bf16_source, tmp_path):
+    """`thrifty quantize` output is a model to share, not a secret, even from 0600 sources."""
+    src = tmp_path / "private"
+    shutil.copytree(bf16_source, src)
+    for f in src.iterdir():
+        f.chmod(0o600)
+    dst = quantize_checkpoint(src, tmp_path / "fp8", progress=False)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in dst.iterdir()}
+    assert "model.safetensors" in modes and "config.json" in modes
+    assert all(mode == 0o644 for mode in modes.values()), modes

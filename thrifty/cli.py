@@ -1,4 +1,4 @@
-"""Command line: `thrifty pull | run | chat | models | serve | quantize | eval`.
+"""Command line: `thrifty pull | run | chat | models | show | rm | ps | serve | quantize | eval`.
 
 Flags map one to one onto config fields.
 """
@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from thrifty.errors import ThriftyError
+from thrifty.generation_defaults import GenerationDefaults
 from thrifty.tts import cli as tts_cli
 
 
@@ -49,17 +50,34 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "(embeddings, norms and lm_head stay in high precision, as in DeepSeek's checkpoints); "
         "fp8-all: an untied lm_head too",
     )
+    p.add_argument(
+        "--chat-template",
+        help="a Jinja chat template (a file, or the template itself) instead of the model's",
+    )
+
+
+_DEFAULTS = GenerationDefaults()
+SAMPLING_HELP = (
+    "Sampling defaults: the model's generation_config.json where it sets them (`thrifty show"
+    f" MODEL` says), else {_DEFAULTS.describe()}."
+)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    model = "default: the model's generation_config.json, else"
+    p.add_argument("--max-tokens", type=int, default=512, help="(default 512)")
+    p.add_argument(
+        "--temperature", type=float, help=f"0 is greedy ({model} {_DEFAULTS.temperature})"
+    )
+    p.add_argument("--top-p", type=float, help=f"({model} {_DEFAULTS.top_p})")
+    p.add_argument("--top-k", type=int, help=f"0 is off ({model} {_DEFAULTS.top_k})")
+    p.add_argument("--min-p", type=float, default=0.0, help="(default 0: off)")
+    p.add_argument(
+        "--repetition-penalty", type=float, help=f"({model} {_DEFAULTS.repetition_penalty})"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,19 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch a model into the cache and prepare it")
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
 
-    p = sub.add_parser("run", help="answer one prompt, streaming")
-    p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
+    p = sub.add_parser(
+        "run",
+        help="answer one prompt, streaming (no prompt: a chat)",
+        description="Answer PROMPT (- reads it from stdin); with no PROMPT, open a chat. "
+        + SAMPLING_HELP,
+    )
+    p.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT]")
     p.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
     _add_model_flags(p)
     _add_sampling_flags(p)
     tts_cli.add_run_flags(p)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    p = sub.add_parser(
+        "chat",
+        help="interactive multi-turn chat",
+        description="/help lists the chat's commands. " + SAMPLING_HELP,
+    )
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
     _add_model_flags(p)
     _add_sampling_flags(p)
 
-    sub.add_parser("models", help="list the models in the cache")
+    sub.add_parser("models", help="list the models in the cache, by name, with disk size")
+    p = sub.add_parser("show", help="a model's architecture, size, quantization and template")
+    p.add_argument("model", nargs="?", help="registry name, local path or hub id")
+    p = sub.add_parser("rm", help="remove a model (its download and conversions) from the cache")
+    p.add_argument("names", nargs="+", metavar="MODEL")
+    p = sub.add_parser("ps", help="what a running thrifty server has loaded")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="(default %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("THRIFTY_API_KEY"))
 
     tts_cli.add_eval_parser(sub, _add_model_flags)
 
@@ -98,8 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # Unset engine and server flags keep EngineConfig's and ServerConfig's defaults.
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with a web chat page",
+        description="Requests that leave sampling fields out get the model's defaults. "
+        + SAMPLING_HELP,
+    )
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
+    p.add_argument("--served-model-name", help="the model id clients use (default: its name)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument(
@@ -154,44 +195,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _llm(args: argparse.Namespace, model: str | None, **kwargs: Any):
     """The LLM the model flags (add_model_flags) ask for; `kwargs`: more engine settings."""
+    from thrifty import kernels
     from thrifty.llm import LLM
 
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     if args.quantization:
         kwargs["quantization"] = args.quantization
-    return LLM(
-        model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, **kwargs
-    )
+    if getattr(args, "num_threads", None):
+        kwargs.setdefault("num_threads", args.num_threads)
+    template = _chat_template(args)  # a missing file is refused before the model loads
+    llm = LLM(model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, **kwargs)
+    if template is not None:
+        llm.tokenizer.use_chat_template(template)
+    if args.device.partition(":")[0] == "cpu":  # a first build takes minutes: say so
+        kernels.prepare(lambda line: print(line + " ...", file=sys.stderr, flush=True))
+    return llm
 
 
-def _params(args: argparse.Namespace):
+def _chat_template(args: argparse.Namespace) -> str | None:
+    """--chat-template: a file's text, or the template given inline."""
+    from pathlib import Path
+
+    from thrifty.files import read_text
+
+    given = args.chat_template
+    if given is None:
+        return None
+    if "{{" in given or "{%" in given:
+        return given
+    if not Path(given).expanduser().is_file():
+        raise ThriftyError(f"--chat-template: no such file: {given} (or pass the template)")
+    return read_text(Path(given).expanduser())
+
+
+def _params(args: argparse.Namespace, defaults: GenerationDefaults = _DEFAULTS):
+    """The sampling flags, the ones not given taken from `defaults`."""
     from thrifty.engine.sampling_params import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        **defaults.fill(vars(args)),
     )
 
 
-def _stream(llm, prompt, params) -> str:
-    """Print the answer as it comes; Ctrl-C stops this answer only. Returns the text."""
-    parts = []
-    stream = llm.stream(prompt, params)
-    try:
-        for delta in stream:
-            parts.append(delta)
-            print(delta, end="", flush=True)
-    except KeyboardInterrupt:
-        stream.close()  # aborts the request and frees its blocks
-        print(" [stopped]", end="")
-    print(flush=True)
-    return "".join(parts)
+def _model_defaults(args: argparse.Namespace, llm: Any) -> GenerationDefaults:
+    """The model's defaults, written into `args` for the flags not given (tts reads args)."""
+    defaults = GenerationDefaults.from_dir(llm.engine.path)
+    for key, value in defaults.fill(vars(args)).items():
+        setattr(args, key, value)
+    return defaults
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -201,69 +256,98 @@ def cmd_pull(args: argparse.Namespace) -> None:
     print(path)
 
 
+def _model_and_prompt(words: list[str]) -> tuple[str | None, str | None]:
+    """`run`'s words: [MODEL] [PROMPT]; one word is a model if it names one, else a prompt.
+    A prompt of "-" is read from stdin."""
+    from thrifty import hub
+
+    if len(words) > 2:
+        raise ThriftyError("usage: thrifty run [MODEL] [PROMPT] (quote the prompt)")
+    if len(words) == 1:
+        words = [words[0], None] if hub.names_a_model(words[0]) else [None, words[0]]
+    model, prompt = (words + [None, None])[:2]
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise ThriftyError("thrifty run -: stdin held no prompt")
+    return model, prompt
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    if len(args.args) > 2:
-        raise ThriftyError("usage: thrifty run [MODEL] PROMPT (quote the prompt)")
-    model, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
-    params = _params(args)  # validate before loading the model
+    model, prompt = _model_and_prompt(args.args)
+    _params(args)  # validate before loading the model
+    if prompt is None:
+        _open_chat(args, model)
+        return
     llm = _llm(args, model)
+    params = _params(args, _model_defaults(args, llm))
     if not args.raw:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = [*messages, {"role": "user", "content": prompt}]
     if args.strategy or args.max_thinking_tokens is not None:
         tts_cli.run(args, llm, prompt)  # several samples, or a thinking budget
         return
-    _stream(llm, prompt, params)
+    from thrifty.chat import stream_answer
+
+    stream_answer(llm, prompt, params)
+
+
+def _open_chat(args: argparse.Namespace, model: str | None) -> None:
+    from thrifty import hub
+    from thrifty.chat import Chat, chat
+
+    def load(name: str | None) -> tuple[Any, Any]:
+        llm = _llm(args, name)
+        return llm, _params(args, GenerationDefaults.from_dir(llm.engine.path))
+
+    llm, params = load(model)
+    chat(Chat(llm, model or hub.DEFAULT_MODEL, params, args.system, load))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    params = _params(args)
-    llm = _llm(args, args.model)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = list(system)
-    print(
-        "thrifty chat: /reset clears the conversation, /exit or Ctrl-D leaves, "
-        "Ctrl-C stops an answer.",
-        file=sys.stderr,
-    )
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print()
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/reset":
-            history = list(system)
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": text})
-        try:
-            answer = _stream(llm, history, params)
-        except ThriftyError as e:  # e.g. the conversation outgrew the context
-            history.pop()
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        history.append({"role": "assistant", "content": answer})
+    _params(args)  # validate before loading the model
+    _open_chat(args, args.model)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     from thrifty import hub
 
-    rows = hub.cached_models()
+    rows = hub.models_by_name()
     if not rows:
         print(f"no models cached in {hub.home()}; try: thrifty pull {hub.DEFAULT_MODEL}")
         return
     width = max(len(r.name) for r in rows)
-    for r in rows:
-        print(f"{r.name:<{width}}  {r.kind:<9}  {r.size_bytes / 2**20:9.1f} MiB  {r.path}")
+    for r in rows:  # name first: it is what run, show and rm take
+        paths = ", ".join(str(f.path) for f in r.files)
+        print(f"{r.name:<{width}}  {r.kind:<9}  {_size(r.size_bytes):>9}  {paths}")
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from thrifty.model_info import describe
+
+    print(describe(args.model))
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    from thrifty import hub
+
+    for name in args.names:
+        freed = hub.remove(name)
+        print(f"removed {name} ({_size(freed)})")
+
+
+def cmd_ps(args: argparse.Namespace) -> None:
+    from thrifty.server.status import fetch_status
+
+    print(fetch_status(args.url, args.api_key))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -301,9 +385,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ),
     )
     name = args.model or hub.DEFAULT_MODEL
+    template = _chat_template(args)
     served = ServerConfig(
-        model_name=Path(name).name if Path(name).exists() else name,
+        model_name=args.served_model_name or (Path(name).name if Path(name).exists() else name),
         api_key=args.api_key or None,
+        access_log=not args.no_access_log,
         **given("max_n", "max_queued_requests", "max_body_bytes", "allowed_origins"),
     )
     path = hub.resolve(args.model)
@@ -315,7 +401,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if config.device.partition(":")[0] == "cpu":  # built now, not by the first request
             built = kernels.prepare(lambda line: print(line, file=sys.stderr, flush=True))
             print(built, flush=True)  # what each kernel runs on: information, beside "serving"
-        return LLMEngine(path, config, allow_pickle=args.allow_pickle)
+        engine = LLMEngine(path, config, allow_pickle=args.allow_pickle)
+        if template is not None:
+            engine.tokenizer.use_chat_template(template)
+        return engine
 
     serve(load, served, args.host, args.port)
 
@@ -332,6 +421,9 @@ COMMANDS = {
     "run": cmd_run,
     "chat": cmd_chat,
     "models": cmd_models,
+    "show": cmd_show,
+    "rm": cmd_rm,
+    "ps": cmd_ps,
     "eval": tts_cli.cmd_eval,
     "serve": cmd_serve,
     "quantize": cmd_quantize,

@@ -244,6 +244,14 @@ def resolve(spec: str | None, *, progress: bool = True) -> Path:
     )
 
 
+def names_a_model(spec: str) -> bool:
+    """Whether `spec` reads as a model rather than a prompt: a registry name, an existing path,
+    a .gguf name or a hub id (`owner/name`, no spaces)."""
+    if spec in REGISTRY or spec.lower().endswith(".gguf") or Path(spec).expanduser().exists():
+        return True
+    return bool(_HUB_ID.match(spec)) and ".." not in spec
+
+
 def _resolve_dir(path: Path, *, progress: bool) -> Path:
     if present(path / "config.json"):  # a bad one (a loop, a FIFO) is refused on reading
         return path
@@ -378,3 +386,59 @@ def cached_models() -> list[CachedModel]:
                 kind = "converted" if (d / CONVERTED_MARKER).is_file() else "unusable"
                 found.append(CachedModel(d.name, kind, d, size))
     return found
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model as a user names it: a registry download with its conversions, or one converted
+    local GGUF (named by its file), and the disk space all of it takes."""
+
+    name: str
+    kind: str  # "registry", "converted" or "unusable" (CachedModel.kind)
+    files: tuple[CachedModel, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
+def models_by_name() -> list[NamedModel]:
+    """cached_models() grouped under the names `thrifty run` and `thrifty rm` take."""
+    rows = cached_models()
+    by_source = {r.path.resolve(): r.name for r in rows if r.kind == "registry"}
+    groups: dict[str, list[CachedModel]] = {}
+    kinds: dict[str, str] = {}
+    for r in rows:
+        name = r.name
+        if r.kind == "converted":
+            source = converted_source(r.path)
+            name = by_source.get(source, source.stem) if source else r.name
+        groups.setdefault(name, []).append(r)
+        kinds.setdefault(name, r.kind)
+    return [NamedModel(n, kinds[n], tuple(files)) for n, files in groups.items()]
+
+
+def converted_source(path: Path) -> Path | None:
+    """The GGUF file a converted directory came from (its marker says), if it says."""
+    import json
+
+    try:
+        source = json.loads((path / CONVERTED_MARKER).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source).resolve() if isinstance(source, str) else None
+
+
+def remove(name: str) -> int:
+    """Delete a model from the cache (models_by_name's names; a pulled model goes with its
+    conversions). Returns the bytes freed."""
+    found = [m for m in models_by_name() if m.name == name]
+    if not found:
+        known = ", ".join(m.name for m in models_by_name()) or "none"
+        raise ThriftyError(f"no cached model named {name!r} (cached: {known})")
+    for f in found[0].files:
+        if f.path.is_dir():
+            shutil.rmtree(f.path)
+        else:  # a pulled file: its directory holds it and its checksum marker
+            shutil.rmtree(f.path.parent)
+    return found[0].size_bytes

@@ -58,16 +58,20 @@ class Tokenizer:
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template: str = template or CHATML_TEMPLATE
+        self.use_chat_template(template or CHATML_TEMPLATE)
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def use_chat_template(self, template: str) -> None:
+        """Render chats with `template` (Jinja, as in tokenizer_config.json) from now on."""
         env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            self._template = env.from_string(self.chat_template)
-        except TemplateError as e:  # a syntax error in the checkpoint's template
+            self._template = env.from_string(template)
+        except TemplateError as e:  # a syntax error in the checkpoint's (or user's) template
             raise ThriftyError(f"chat template failed to compile: {e}") from None
-        self.vocab_size = tokenizer.get_vocab_size()
+        self.chat_template: str = template
 
     @staticmethod
     def from_dir(path: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:

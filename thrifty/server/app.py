@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from thrifty.engine.llm_engine import LLMEngine
 from thrifty.errors import ThriftyError
+from thrifty.generation_defaults import GenerationDefaults
 from thrifty.server.async_engine import AsyncEngine, EngineThread
 from thrifty.server.config import ServerConfig
 from thrifty.server.generation import Generation
@@ -36,12 +37,14 @@ from thrifty.server.responses import Responses
 from thrifty.server.responses_api import ResponsesApi, ResponsesRequest, to_chat
 from thrifty.server.scaling import ScalingRun
 from thrifty.server.serving import Serving
+from thrifty.server.status import Status
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
 ROUTES = (
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health",
-    "/metrics", "/",
+    "/metrics", "/", "/thrifty/status", "/static/chat.js", "/static/marked.min.js",
+    "/static/purify.min.js",
 )  # fmt: skip
 
 
@@ -51,9 +54,17 @@ def create_app(
     """The app, its engine loop on `thread` (the one the engine was loaded on) or a new one."""
     async_engine = AsyncEngine(engine, thread)
     metrics = Metrics(engine)
+    defaults = GenerationDefaults.from_dir(engine.path)
     serving = Serving(
-        async_engine, engine.tokenizer, engine.max_model_len, config, metrics, engine.grammars
+        async_engine,
+        engine.tokenizer,
+        engine.max_model_len,
+        config,
+        metrics,
+        engine.grammars,
+        defaults,
     )
+    status = Status(engine, config.model_name, defaults)
     responses = Responses(engine.tokenizer, config.model_name)
     responses_api = ResponsesApi(engine.tokenizer, config.model_name)
     started = int(time.time())
@@ -176,6 +187,16 @@ def create_app(
             return error_response(ApiError(503, "the engine is not running"))
         return JSONResponse({"status": "ok"})
 
+    @app.get("/thrifty/status", dependencies=[Depends(authenticate)])
+    async def status_route() -> dict[str, Any]:
+        return status.read()  # `thrifty ps`
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        if name not in ("chat.js", "marked.min.js", "purify.min.js"):  # the chat page's scripts
+            raise ApiError(404, f"no such file: {name}")
+        return FileResponse(STATIC / name, media_type="text/javascript")
+
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -206,6 +227,8 @@ def create_app(
         allow_headers=["authorization", "content-type"],
     )
     app.add_middleware(CountRequests, metrics=metrics)
+    if config.access_log:
+        app.add_middleware(AccessLog)
     return app
 
 
@@ -316,6 +339,34 @@ class CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class AccessLog:
+    """ASGI middleware: one line per request on stdout once its response has ended (a stream
+    at its last byte): client, method, path, status, seconds."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.monotonic(), 0
+
+        async def logging_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logging_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            when = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f'{when} {client[0]} "{scope["method"]} {scope["path"]}" {status or "-"}'
+                  f" {time.monotonic() - t0:.3f} s", flush=True)  # fmt: skip
 
 
 def check_address(host: str, port: int) -> None:

@@ -109,11 +109,11 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     chat: dict[str, Any] = {
         "model": req.model,
         "messages": messages,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
         "max_completion_tokens": req.max_output_tokens,
         "parallel_tool_calls": req.parallel_tool_calls,
     }
+    # Left out, they stay out: the chat request then takes the model's defaults.
+    chat |= {k: getattr(req, k) for k in ("temperature", "top_p") if k in req.model_fields_set}
     if req.tools:
         chat["tools"] = [_chat_tool(t, i) for i, t in enumerate(req.tools)]
     if isinstance(req.tool_choice, dict):

@@ -13,6 +13,7 @@ from typing import Any
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.structured import Constraint, Grammars
 from thrifty.errors import ThriftyError
+from thrifty.generation_defaults import FIELDS, GenerationDefaults
 from thrifty.server.async_engine import AsyncEngine
 from thrifty.server.config import ServerConfig
 from thrifty.server.generation import Generation, Parsers
@@ -49,8 +50,11 @@ class Serving:
         config: ServerConfig,
         metrics: Metrics,
         grammars: Grammars | None = None,
+        defaults: GenerationDefaults | None = None,
     ):
         self.engine, self.tokenizer, self.max_model_len = engine, tokenizer, max_model_len
+        # What a request that leaves a sampling field out gets (OpenAI clients usually do).
+        self.defaults = defaults or GenerationDefaults()
         self.config, self.metrics = config, metrics
         self._grammars = grammars  # the engine's; built here on first use where none was given
         self.tool_format = ToolFormat.detect(tokenizer.chat_template)
@@ -125,13 +129,11 @@ class Serving:
         if any(len(s) > MAX_STOP_CHARS for s in stop):
             raise ApiError(400, f"stop strings may be at most {MAX_STOP_CHARS} characters long",
                            param="stop")  # fmt: skip
+        asked = {k: getattr(req, k) for k in FIELDS if k in req.model_fields_set}
         try:
             base = SamplingParams(
-                temperature=req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k,
+                **self.defaults.fill(asked),
                 min_p=req.min_p,
-                repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 # Any integer is a valid OpenAI seed; the engine's generators take 64 bits.

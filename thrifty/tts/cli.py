@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, llm: Any, prompt: str | list[dict[str, str]]) 
         max_thinking_tokens=args.max_thinking_tokens,
     )
     ids = llm._chat_ids(prompt) if isinstance(prompt, list) else prompt
-    result = run_strategy(llm.engine, ids, config)
+    with Progress(llm.engine, config.n if strategy != "greedy" else 1) as engine:
+        result = run_strategy(engine, ids, config)
     print(result["text"].strip())
     votes = ", ".join(f"{a}: {w:g}" for a, w in result["votes"].items()) or "none"
     print(
@@ -146,6 +147,36 @@ def run(args: argparse.Namespace, llm: Any, prompt: str | list[dict[str, str]]) 
         f"{result['tokens']}  {result['wall_s']:.1f} s",
         file=sys.stderr,
     )
+
+
+class Progress:
+    """The engine, with a progress bar on stderr: samples finished and tokens generated (a
+    self-consistency run of 8 samples is minutes of silence on a small CPU otherwise)."""
+
+    def __init__(self, engine: Any, num_samples: int):
+        from tqdm import tqdm
+
+        self._engine, self.samples, self.tokens = engine, 0, 0
+        self._bar = tqdm(total=num_samples, desc="samples", unit="sample", file=sys.stderr,
+                         leave=False, disable=None)  # fmt: skip  # None: off when not a tty
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def step(self) -> Any:
+        outputs = self._engine.step()
+        done = sum(o.finish_reason is not None for o in outputs)
+        self.samples += done
+        self.tokens += sum(len(o.token_ids) for o in outputs)
+        self._bar.set_postfix_str(f"{self.tokens} tokens", refresh=False)
+        self._bar.update(done)
+        return outputs
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
 
 
 def _numbers(flag: str, text: str, kind: type) -> list:
@@ -222,6 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         meta["load_average"] = os.getloadavg()  # timings on a busy machine are noisy
         return write_results(rows, meta, Path(args.out))
 
+    out = Path(args.out).resolve()
+    print(f"thrifty eval: writing {out}.json, {out}.md and {out}_*.png as rows finish",
+          file=sys.stderr, flush=True)  # fmt: skip
     rows = evaluate(
         llm.engine,
         problems,
