@@ -31,6 +31,13 @@ enum Format : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2 };
 
 constexpr int kTile = 16;
 constexpr int kMaxMB = 4;
+#ifndef KAHEAD
+#define KAHEAD 2048
+#endif
+// Bytes ahead of the ones decoded that are prefetched: one core's hardware prefetcher alone
+// leaves it well short of the memory's bandwidth (rows are contiguous: past a row's end is the
+// next row).
+constexpr int64_t kAhead = KAHEAD;
 constexpr int64_t kPanelRows = 128;  // rows of W dequantized at a time for large M
 
 struct Layout {
@@ -66,6 +73,8 @@ template <Format F, int C, int MB>
 inline void group_step(const Layout& L, const uint8_t* row, const float* drow, const float* x,
                        int mb, int64_t g, __m512* a) {
   const __m512 d = _mm512_set1_ps(drow[g]);
+  constexpr int64_t kGroupBytes = F == kQ8 ? 16 * C : (F == kQ4 ? 16 : 20);
+  _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupBytes + kAhead), _MM_HINT_T0);
   __m512 f[C];
   for (int c = 0; c < C; ++c) f[c] = chunk<F, C>(row, g, c);
   for (int m = 0; m < MB; ++m) {
@@ -146,6 +155,7 @@ template <Format F, int MB>
 inline void pair_step(const Layout& L, const uint8_t* row, const float* drow, const uint16_t* xp,
                       int64_t Kp, int mb, int64_t p, __m512* a) {
   const bool tail = 2 * p + 1 >= L.groups;
+  _mm_prefetch(reinterpret_cast<const char*>(row + p * (F == kQ4 ? 32 : 40) + kAhead), _MM_HINT_T0);
   const __m512i v = nibble_words<F>(row, p, tail);
   const __m512i magic = _mm512_set1_epi16(0x4300);
   __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(0x0F));
