@@ -13,12 +13,14 @@ import sys
 from thrifty import LLM, SamplingParams
 
 
-def generate(path: str, ranks: int, prompts: list[list[int]]) -> list[list[int]]:
+def generate(
+    path: str, ranks: int, prompts: list[list[int]], num_threads: int | None = None
+) -> list[list[int]]:
     llm = LLM(
         path,
         dtype="float32",
         tensor_parallel_size=ranks,
-        num_threads=1,
+        num_threads=num_threads,
         num_kv_blocks=64,
         block_size=4,
         progress=False,
@@ -31,4 +33,4 @@ def generate(path: str, ranks: int, prompts: list[list[int]]) -> list[list[int]]
 
 if __name__ == "__main__":
     path, ranks, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    print(json.dumps(generate(path, ranks, prompts)))
+    print(json.dumps(generate(path, ranks, prompts, num_threads=1)))  # 2 ranks on 2 cores

@@ -10,7 +10,8 @@ arXiv:1909.08053).
   logits.
 
 Each layer's `shard` tells the loader which slice of the checkpoint's tensor to read. With one
-rank the shard is the whole tensor and forward is the plain layer's.
+rank the shard is the whole tensor and forward is the plain layer's: the collective's forward
+is installed at construction only when there are several ranks, so one process pays nothing.
 """
 
 from __future__ import annotations
@@ -43,11 +44,10 @@ class RowParallelLinear(Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         self.shard = Shard(1, (in_features,))
         super().__init__(self.shard.local, out_features, bias)
-        self.parallel = distributed.world_size() > 1
+        if distributed.world_size() > 1:
+            self.forward = self.reduced_forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.parallel:
-            return super().forward(x)
+    def reduced_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = distributed.all_reduce(linear(x, self.weight, None, self.weight_scale_inv))
         return y if self.bias is None else y + self.bias  # the bias once, not once per rank
 
@@ -56,12 +56,11 @@ class VocabParallelEmbedding(Embedding):
     def __init__(self, num_embeddings: int, dim: int):
         self.shard = Shard(0, (num_embeddings,))
         super().__init__(self.shard.local, dim)
-        self.parallel = distributed.world_size() > 1
         self.vocab_start = self.shard.start()
+        if distributed.world_size() > 1:
+            self.forward = self.reduced_forward
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self.parallel:
-            return super().forward(ids)
+    def reduced_forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard.local)
         x = super().forward(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0)
@@ -73,8 +72,8 @@ class ParallelLMHead(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__(hidden_size, [vocab_size])
-        self.parallel = distributed.world_size() > 1
+        if distributed.world_size() > 1:
+            self.forward = self.gathered_forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(x)
-        return distributed.all_gather(logits, dim=-1) if self.parallel else logits
+    def gathered_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return distributed.all_gather(super().forward(x), dim=-1)
