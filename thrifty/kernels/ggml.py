@@ -18,8 +18,9 @@ from thrifty.kernels.build import CSRC, Kernel
 from thrifty.kernels.fp8 import _cpu_has
 from thrifty.quant import ggml
 
-# Up to this many rows the GEMV beats dequantize + oneDNN (benchmarks/gguf_native.py --crossover).
-MAX_ROWS = 16
+# Up to this many rows the GEMV beats dequantize + torch's matmul on every weight shape of SmolLM2
+# and Qwen2.5-0.5B; at 16 the matmul wins on most (benchmarks/gguf_native.py --crossover).
+MAX_ROWS = 8
 
 _FORMATS = {"q4": 0, "q5": 1, "q8": 2}
 _CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
