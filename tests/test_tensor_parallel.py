@@ -3,8 +3,9 @@
 Tiny random Llama / Qwen2 (one KV head, replicated on both ranks) / Qwen3 (qk-norm, tied
 head) / DeepSeek-V3 (MLA, grouped routing, shared experts, experts split over the ranks with
 all-to-all dispatch and combine), each run in a subprocess (tests/tp_generate.py) that spawns its
-second rank. Also: which slice of each checkpoint tensor a rank loads, and `thrifty serve
---tensor-parallel-size 2` through the openai client, its shutdown and a rank's death.
+second rank, and an FP8 DeepSeek-V3 split on its 128x128 blocks. Also: which slice of each
+checkpoint tensor a rank loads, and `thrifty serve --tensor-parallel-size 2` through the openai
+client, its shutdown and a rank's death.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from thrifty.errors import ThriftyError
 from thrifty.loader import weights
 from thrifty.loader.weights import load_model
 from thrifty.models.moe import RemoteExpert
+from thrifty.quant.checkpoint import quantize_checkpoint
 
 COMMON = dict(
     hidden_size=64,
@@ -76,14 +78,28 @@ CASES = {
         ),
     ),
 }
+# DeepSeek-V3's FP8 layout splits on whole 128x128 blocks: a rank's rows of q_b_proj (2 heads of
+# 64 + 64), kv_b_proj (2 x (64 + 64)), o_proj's columns (2 x 64), the MLP's and the shared
+# experts' 128 columns each.
+FP8_CASE = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    n_shared_experts=2,
+    kv_lora_rank=128,
+    q_lora_rank=128,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=64,
+    v_head_dim=64,
+)
 PROMPTS = [[(7 * i + 3 * j) % 300 for j in range(n)] for i, n in enumerate((5, 11, 17))]
 
 
-def tiny(case: str, path: Path) -> Path:
+def tiny(case: str, path: Path, **more) -> Path:
     """A tiny random checkpoint of `case` with SmolLM2's tokenizer files (prompts are ids)."""
     config_cls, model_cls, extra = CASES[case]
     torch.manual_seed(0)
-    hf = model_cls(config_cls(**{**COMMON, **extra})).eval()
+    hf = model_cls(config_cls(**{**COMMON, **extra, **more})).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make them count
         for name, p in hf.named_parameters():
             if "norm" in name or "bias" in name:
@@ -95,10 +111,7 @@ def tiny(case: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_two_ranks_decode_the_tokens_of_one(case, tmp_path):
-    path = tiny(case, tmp_path)
-    one = tp_generate.generate(str(path), 1, PROMPTS)
+def _two_ranks(path: Path) -> list[list[int]]:
     script = Path(__file__).with_name("tp_generate.py")
     run = subprocess.run(
         [sys.executable, str(script), str(path), "2", json.dumps(PROMPTS)],
@@ -107,9 +120,43 @@ def test_two_ranks_decode_the_tokens_of_one(case, tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_decode_the_tokens_of_one(case, tmp_path):
+    path = tiny(case, tmp_path)
+    one = tp_generate.generate(str(path), 1, PROMPTS)
     assert [len(t) for t in one] == [4, 7, 10]
-    assert two == one
+    assert _two_ranks(path) == one
+
+
+def test_two_ranks_of_an_fp8_checkpoint(tmp_path):
+    """Each rank reads its FP8 weights' slices and their 128x128 block scales."""
+    dense = tiny("deepseek-v3", tmp_path / "dense", **FP8_CASE)
+    path = quantize_checkpoint(dense, tmp_path / "fp8", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(dense / name, path / name)
+    assert "model.layers.1.self_attn.q_b_proj.weight_scale_inv" in load_file(
+        path / "model.safetensors"
+    )
+    one = tp_generate.generate(str(path), 1, PROMPTS)
+    assert _two_ranks(path) == one
+
+
+def test_fp8_blocks_a_rank_would_cut_are_refused(tmp_path):
+    """The tiny DeepSeek-V3's 96 MLP columns give each of 2 ranks 48: half a block."""
+    dense = tiny("deepseek-v3", tmp_path / "dense")
+    path = quantize_checkpoint(dense, tmp_path / "fp8", progress=False)
+    script = Path(__file__).with_name("tp_generate.py")
+    run = subprocess.run(
+        [sys.executable, str(script), str(path), "2", json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert "cannot be split over 2 ranks on its 128x128 blocks" in run.stderr
 
 
 @pytest.fixture

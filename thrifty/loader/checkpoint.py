@@ -137,6 +137,7 @@ class TensorSlice:
     def __init__(self, handle: Any, name: str):
         self._slice = handle.get_slice(name)
         self.shape = torch.Size(self._slice.get_shape())
+        self.dtype: str = self._slice.get_dtype()  # safetensors' name: "BF16", "F8_E4M3", ...
 
     def read(self, dim: int | None = None, start: int = 0, length: int = 0) -> torch.Tensor:
         if dim is None:

@@ -2,9 +2,10 @@
 
 A layer with a `shard` (models/parallel.py, MLA's kv_b_proj) takes its rows or columns, each
 merged part (q, k, v; gate, up) on its own; an expert another rank holds is not read at all;
-everything else is read whole (norms, routers, MLA's latent projections). Safetensors tensors
-come as TensorSlice, so only the slice's bytes are read; others (GGUF dequantized, pickled) are
-cut from the whole tensor and copied, so that the whole is freed at once.
+everything else is read whole (norms, routers, MLA's latent projections). An FP8 weight's
+128x128 block scales are cut with it. Safetensors tensors come as TensorSlice, so only the
+slice's bytes are read; others (GGUF dequantized, pickled) are cut from the whole tensor and
+copied, so that the whole is freed at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from thrifty import distributed
 from thrifty.errors import ThriftyError
 from thrifty.loader.checkpoint import TensorSlice
 from thrifty.quant import fp8
@@ -21,15 +23,13 @@ def read_shard(
     model: nn.Module, name: str, split: tuple[str, int | None, int | None], tensor
 ) -> torch.Tensor | None:
     """This rank's part of checkpoint tensor `name` (its parameter and merged part in `split`,
-    as _split_packed says); None for a tensor of an expert held by another rank."""
-    if name.endswith(fp8.SCALE_SUFFIX):
-        raise ThriftyError(
-            "tensor parallelism needs a dense checkpoint (bf16, fp16, fp32 or GGUF): splitting "
-            "FP8 weights' 128x128 block scales is not supported yet; --quantization fp8 "
-            "quantizes dense weights after they are split"
-        )
+    as _split_packed says); None for a tensor of an expert held by another rank.
+
+    An FP8 weight's block scales (`<weight>_scale_inv`, one per 128x128 block) follow their
+    weight: the rank's blocks, which its slice must cover whole."""
     target, part, _ = split
-    module_name, _, attr = target.rpartition(".")
+    scale = target.endswith(fp8.SCALE_SUFFIX)
+    module_name, _, attr = target.removesuffix(fp8.SCALE_SUFFIX).rpartition(".")
     module = _submodule(model, module_name)
     if module is None:
         return None if _is_remote(model, module_name) else _read(tensor)  # the loader names it
@@ -38,16 +38,32 @@ def read_shard(
     if shard is None or not isinstance(local, torch.Tensor) or shard.dim >= local.dim():
         return _read(tensor)  # replicated (a row-parallel layer's bias too)
     part = part or 0
-    expected = list(local.shape)
-    expected[shard.dim] = shard.parts[part]
-    if list(tensor.shape) != expected:
+    start, length, full = shard.start(part), shard.size(part), shard.parts[part]
+    cuts_a_block = start % fp8.BLOCK or (length % fp8.BLOCK and start + length != full)
+    if cuts_a_block and (scale or _is_fp8(tensor)):
         raise ThriftyError(
-            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+            f"FP8 tensor {name!r} cannot be split over {distributed.world_size()} ranks on "
+            f"its {fp8.BLOCK}x{fp8.BLOCK} blocks (a rank's {length} of {full} "
+            f"{'rows' if shard.dim == 0 else 'columns'}); TP needs a dense checkpoint here"
         )
-    start, length = shard.start(part), shard.size(part)
+    if scale:  # the blocks of the rank's rows or columns
+        start, length = start // fp8.BLOCK, -(-length // fp8.BLOCK)
+    else:
+        expected = list(local.shape)
+        expected[shard.dim] = full
+        if list(tensor.shape) != expected:
+            raise ThriftyError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+            )
     if isinstance(tensor, TensorSlice):
         return tensor.read(shard.dim, start, length)
     return tensor.narrow(shard.dim, start, length).clone()
+
+
+def _is_fp8(tensor) -> bool:
+    if isinstance(tensor, TensorSlice):
+        return tensor.dtype == "F8_E4M3"
+    return tensor.dtype == fp8.FP8_DTYPE
 
 
 def _read(tensor) -> torch.Tensor:
