@@ -8,6 +8,8 @@ transformers' logits on the same file, in prefill and in token-by-token decode.
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -277,3 +279,21 @@ def test_the_cache_keeps_no_weights(tiny):
     out, _ = tiny
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors" not in names and hub.CONVERTED_MARKER in names
+
+
+def test_old_float32_conversions_are_replaced(tmp_path, monkeypatch):
+    """A format-1 conversion (a float32 model.safetensors) of the same file is deleted when the
+    file is converted in the current format; another file's conversion is kept."""
+    monkeypatch.setenv("THRIFTY_HOME", str(tmp_path / "home"))
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, "llama", np.random.default_rng(6))
+    converted = tmp_path / "home" / "converted"
+    old, other = converted / "tiny-000000000000", converted / "tiny-111111111111"
+    for d, source in ((old, path), (other, tmp_path / "elsewhere" / "tiny.gguf")):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+        (d / hub.CONVERTED_MARKER).write_text(json.dumps({"source": str(source.resolve())}))
+    out = hub.convert(path, progress=False)
+    assert not old.exists() and other.exists()
+    assert json.loads((out / hub.CONVERTED_MARKER).read_text())["format"] == hub.CONVERTED_FORMAT
+    assert hub.convert(path, progress=False) == out  # cached: converted once
