@@ -245,6 +245,7 @@ QWEN = "qwen2.5-coder-0.5b-instruct"
 SERVE = ("--tensor-parallel-size", "2", "--num-threads", "1", "--max-model-len", "512")
 
 
+@pytest.mark.slow
 def test_server_with_two_ranks(qwen_gguf):
     procs: list = []
     with launch(*SERVE, env={"THRIFTY_API_KEY": KEY}, procs=procs, model=QWEN) as url:
@@ -270,6 +271,7 @@ def test_server_with_two_ranks(qwen_gguf):
     assert not any(_alive(p) for p in ranks), "a rank outlived the server"
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_server(qwen_gguf):
     procs: list = []
     with launch(*SERVE, procs=procs, model=QWEN):
