@@ -30,7 +30,7 @@ namespace {
 enum Format : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2 };
 
 constexpr int kTile = 16;
-constexpr int kMaxMB = 4;
+constexpr int kMaxMB = 8;  // rows of x per pass over a tile of W: each group decoded once for them
 #ifndef KAHEAD
 #define KAHEAD 2048
 #endif
@@ -253,8 +253,10 @@ void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, 
       row_dot<F, C, 1>(L, row, L.d(scale, n), xm, xs, mb, out);
     } else if (mb == 2) {
       row_dot<F, C, 2>(L, row, L.d(scale, n), xm, xs, mb, out);
-    } else {
+    } else if (mb > 4) {
       row_dot<F, C, kMaxMB>(L, row, L.d(scale, n), xm, xs, mb, out);
+    } else {
+      row_dot<F, C, 4>(L, row, L.d(scale, n), xm, xs, mb, out);
     }
   });
 }
@@ -271,8 +273,10 @@ void gemv_bf16(const Layout& L, const uint16_t* xp, int64_t Kp, const float* xsu
       row_dot_bf16<F, 1>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
     } else if (mb == 2) {
       row_dot_bf16<F, 2>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
-    } else {
+    } else if (mb > 4) {
       row_dot_bf16<F, kMaxMB>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
+    } else {
+      row_dot_bf16<F, 4>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
     }
   });
 }
