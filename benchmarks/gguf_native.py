@@ -17,6 +17,10 @@ repacked bytes; and (`--crossover`) GEMV against dequantize + torch matmul by ro
 
     python benchmarks/gguf_native.py --json benchmarks/results/gguf_native.json
     python benchmarks/gguf_native.py --kernels --crossover
+    python benchmarks/gguf_native.py --batched --threads 1
+
+Batched (`--batched`): aggregate decode tokens per CPU-second at batch 1, 4, 8 and 32, native
+and then the same model dequantized to bf16 and packed, in one process.
 """
 
 from __future__ import annotations
@@ -249,6 +253,42 @@ def kernels(args: argparse.Namespace) -> None:
                     print(f"| {fmt}/{group} | {n} x {k} | {rows} | {us} |")
 
 
+def batched(args: argparse.Namespace) -> None:
+    """Aggregate decode tokens per CPU-second at several batch sizes, native then the same
+    model dequantized to bf16, in one process (CPU time: a shared machine's waits for a core
+    do not count)."""
+    import torch
+
+    from thrifty import LLM, SamplingParams
+    from thrifty.loader.gguf_weights import dequantize_model
+    from thrifty.models.layers import pack_linears
+
+    torch.set_num_threads(THREADS)
+    batches = (1, 4, 8, 32)
+    print(f"threads {THREADS}, load average {os.getloadavg()[0]:.1f}")
+    print("| model | batch | native tok/s per CPU-s | bf16 tok/s per CPU-s | native / bf16 |")
+    print("|---|---|---|---|---|")
+    for key in args.models.split(","):
+        llm = LLM(MODELS[key], num_threads=THREADS, progress=False)
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+        def run(batch: int, llm=llm, params=params) -> float:
+            prompts = [f"Write a story about item {i}." for i in range(batch)]
+            llm.generate(prompts, SamplingParams(max_tokens=2))
+            start = time.process_time()
+            llm.generate(prompts, params)
+            return batch * params.max_tokens / (time.process_time() - start)
+
+        native = {b: run(b) for b in batches}
+        model = llm.engine.runner.model
+        dequantize_model(model, torch.bfloat16)
+        pack_linears(model)
+        dense = {b: run(b) for b in batches}
+        for b in batches:
+            ratio = native[b] / dense[b]
+            print(f"| {key} | {b} | {native[b]:.1f} | {dense[b]:.1f} | {ratio:.2f}x |", flush=True)
+
+
 def main() -> None:
     global THREADS
     ap = argparse.ArgumentParser()
@@ -259,6 +299,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp-python", help="interpreter with llama_cpp installed")
     ap.add_argument("--kernels", action="store_true", help="GB/s of the GEMV per weight shape")
     ap.add_argument("--crossover", action="store_true", help="GEMV against GEMM by rows")
+    ap.add_argument("--batched", action="store_true", help="tok/s per CPU-second by batch size")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -268,6 +309,8 @@ def main() -> None:
     if args.child:
         key, variant = args.child.split(":")
         print(json.dumps(run_thrifty(MODELS[key], variant, args.tokens)))
+    elif args.batched:
+        batched(args)
     elif args.kernels or args.crossover:
         kernels(args)
     else:
