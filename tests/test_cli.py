@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,3 +260,46 @@ def test_show_describes_the_default_model(results):
     assert fields["context"] == "8,192 tokens"
     assert fields["sampling"].startswith("temperature 0.7, top_p 0.9, top_k 0")
     assert "<|im_start|>" in proc.stdout  # the template
+
+
+def test_chat_on_a_terminal_takes_a_pasted_block_as_one_message():
+    """On a pty, prompt_toolkit's prompt: /help is answered by the chat, a bracketed paste of two
+    lines is one message (one answer), and /bye leaves."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    args = ["chat", "--temperature", "0", "--max-tokens", "16"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thrifty", *args],
+        cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    out = b""
+
+    def read(until: Callable[[bytes], bool], timeout: float = 120) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while not until(out):
+            assert time.monotonic() < deadline, out[-2000:]
+            if select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 65536)
+
+    try:
+        read(lambda o: b">>>" in o)
+        os.write(master, b"/help\r")
+        read(lambda o: b"/set NAME VALUE" in o)
+        os.write(master, b"\x1b[200~What is\n2+2?\x1b[201~\r")
+        # The answer ends with a newline, and then the prompt is drawn again.
+        read(lambda o: b"\n" in o.rpartition(b"2+2?")[2] and b">>>" in o.rpartition(b"2+2?")[2])
+        os.write(master, b"/bye\r")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    answer = out.rpartition(b"2+2?")[2].decode(errors="replace")
+    assert "4" in answer, answer
+    # One message: nothing was answered between the paste's two lines.
+    between = out.rpartition(b"2+2?")[0].rpartition(b"What is")[2].decode(errors="replace")
+    assert not re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", between).strip(), between
