@@ -62,7 +62,7 @@ def main() -> None:
         g = repeats(llm.chat(STORY, greedy)[0].outputs[0].text)
         rows.append(f"| {t:g} | {top_p:g} | {rp:g} | {right} | {looped} | {'yes' if g else 'no'} |")
         print(rows[-1], flush=True)
-    Path(args.out).with_suffix(".md").write_text("\n".join(rows) + "\n")
+        Path(args.out).with_suffix(".md").write_text("\n".join(rows) + "\n")  # row by row
 
 
 if __name__ == "__main__":
