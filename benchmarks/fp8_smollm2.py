@@ -94,6 +94,11 @@ def main() -> None:
     with torch.no_grad():
         out = hf.generate(prompt, do_sample=False, max_new_tokens=40)
         base = hf(out).logits[0, len(ids) - 1 : -1].float()  # the fp32 model's own answer
+    first = base[0].softmax(-1).topk(5)  # the first answer token's distribution, float32
+    odds = ", ".join(
+        f"{tokenizer.decode([int(i)])!r} {float(v):.1%}" for v, i in zip(*first, strict=True)
+    )
+    lines += [f"First answer token in float32: {odds}", ""]
     lines += ["| weights rounded to FP8 (torch reference, float32) | scales | KL(fp32 ‖ rounded),"
               " mean over the fp32 answer | top-1 agreement | greedy answer |",
               "|---|---|---|---|---|"]  # fmt: skip
