@@ -140,7 +140,13 @@ def test_models_health_and_page(url, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     page = httpx.get(f"{url}/")
-    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+    assert page.status_code == 200 and '<script src="/static/chat.js">' in page.text
+    script = httpx.get(f"{url}/static/chat.js")
+    assert script.status_code == 200 and "/v1/chat/completions" in script.text
+    for vendored in ("marked.min.js", "purify.min.js"):  # the page works offline
+        assert httpx.get(f"{url}/static/{vendored}").status_code == 200
+    missing = httpx.get(f"{url}/static/index.py")
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
 
 
 def test_chat_full_and_streamed_agree(client, tokenizer):
