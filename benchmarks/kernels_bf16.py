@@ -63,7 +63,12 @@ def methods(m: int) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], L
         out["gemv"] = (lambda w: w, lambda x, w: kernels.bf16_linear(x, w, None))
         out["packed"] = (
             kernels.pack_weight,
-            lambda x, w: kernels.packed_linear(x, w, None),
+            lambda x, w: kernels._extension().packed_linear(x, w, None),
+        )
+    if kernels.amx_available() and m >= 1:
+        out["amx"] = (
+            kernels.pack_weight,
+            lambda x, w: kernels._amx().amx_packed_linear(x, w, None),
         )
     return out
 

@@ -99,3 +99,47 @@ def test_pack_linears_keeps_a_tied_embedding_and_its_head_in_step():
     assert torch.equal(model.embed(ids), want_embed)
     ulps = (ordered(model.head(x)) - ordered(want_head)).abs()
     assert ulps.max() <= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 80),
+    panels=st.integers(1, 9),
+    k32=st.integers(1, 40),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_amx_matches_reference(m, panels, k32, has_bias, seed):
+    """The AMX kernel on the packed layout, called directly at every row count (the dispatch
+    sends it only AMX_MIN_ROWS and more): whole tiles, tails of rows and an odd panel."""
+    if not kernels._cpu_has_amx():
+        assert not kernels.amx_available()
+        return
+    assert kernels.amx_available()  # a CPU with AMX tiles must get the kernel
+    torch.manual_seed(seed)
+    n, k = 16 * panels, 32 * k32
+    x, w = bf16(m, k), bf16(n, k, scale=0.05)
+    b = bf16(n) if has_bias else None
+    y = kernels._amx().amx_packed_linear(x, kernels.pack_weight(w), b)
+    ref = kernels.reference_linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    ulps = (ordered(y) - ordered(ref)).abs()  # one rounding of an fp32 sum on both sides
+    assert (ulps <= 1).float().mean() >= 0.99
+
+
+def test_packed_linear_sends_many_rows_to_amx(monkeypatch):
+    if not kernels.amx_available():
+        return
+    calls = []
+    amx = kernels._amx()
+
+    class Spy:
+        def amx_packed_linear(self, *args):
+            calls.append(args[0].shape[0])
+            return amx.amx_packed_linear(*args)
+
+    monkeypatch.setattr(kernels, "_amx", lambda: Spy())
+    w = kernels.pack_weight(bf16(32, 64))
+    for m in (1, kernels.AMX_MIN_ROWS - 1, kernels.AMX_MIN_ROWS, 100):
+        kernels.packed_linear(bf16(m, 64), w)
+    assert calls == [kernels.AMX_MIN_ROWS, 100]

@@ -40,7 +40,13 @@ def refused(path, out_dir, *phrases: str) -> str:
 def test_the_tiny_gguf_converts(tiny, tmp_path):
     out = convert_gguf(tiny, tmp_path / "out", progress=False)
     marker = json.loads((out / hub.CONVERTED_MARKER).read_text())
-    assert marker == {"source": str(tiny)}
+    stat = tiny.stat()  # the GGUF the directory's weights are read from, as it was converted
+    assert marker == {
+        "source": str(tiny),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "format": hub.CONVERTED_FORMAT,
+    }
 
 
 def test_overlapping_offsets(tiny, tmp_path):

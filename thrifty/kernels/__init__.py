@@ -10,6 +10,7 @@ up front, as `thrifty serve` does before it reports ready.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,11 @@ def _cpu_has_avx512_bf16() -> bool:
     return bool(check and check())
 
 
+def _cpu_has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
 def _build(
     name: str = "thrifty_bf16_gemv", source: Path = _SOURCE, cflags: tuple[str, ...] = _CFLAGS
 ) -> ModuleType:
@@ -77,6 +83,13 @@ _ATTENTION_CFLAGS = (
     "-fno-trapping-math",
 )
 BF16 = Kernel("thrifty_bf16_gemv", _SOURCE, _CFLAGS, "torch's matmul", _cpu_has_avx512_bf16)
+AMX = Kernel(
+    "thrifty_amx_gemm",
+    CSRC / "amx_gemm.cpp",
+    ("-O3", "-mamx-tile", "-mamx-bf16", *_CFLAGS[1:]),
+    "the AVX-512 BF16 kernel at every batch size",
+    lambda: _cpu_has_avx512_bf16() and _cpu_has_amx(),
+)
 CPU_OPS = Kernel(
     "thrifty_cpu_ops", CSRC / "cpu_ops.cpp", _ATTENTION_CFLAGS, "torch's attention and norm ops"
 )
@@ -84,9 +97,9 @@ SAMPLING = Kernel("thrifty_sampling", CSRC / "sampling.cpp", _ATTENTION_CFLAGS, 
 
 
 def _all_kernels() -> tuple[Kernel, ...]:
-    from thrifty.kernels import fp8  # it imports this module
+    from thrifty.kernels import fp8, ggml  # they import this module
 
-    return (BF16, CPU_OPS, SAMPLING, fp8.KERNEL)
+    return (BF16, AMX, CPU_OPS, SAMPLING, fp8.KERNEL, ggml.KERNEL)
 
 
 def prepare(announce: Callable[[str], None]) -> str:
@@ -351,5 +364,33 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y = x @ W^T + bias for x (..., K) in the weight's dtype and W packed by pack_weight."""
+    """y = x @ W^T + bias for x (..., K) in the weight's dtype and W packed by pack_weight.
+
+    From AMX_MIN_ROWS rows of x a bf16 weight goes to the AMX tiles where the CPU has them
+    (csrc/amx_gemm.cpp reads the same packed layout); fewer rows stream through AVX-512 BF16.
+    """
+    if (
+        packed.dtype == torch.bfloat16
+        and x.numel() >= AMX_MIN_ROWS * x.shape[-1]
+        and packed.shape[1] % 16 == 0
+        and (amx := _amx()) is not None
+    ):
+        return amx.amx_packed_linear(x, packed, bias)
     return _extension().packed_linear(x, packed, bias)
+
+
+# From this many rows of x the AMX kernel beats the AVX-512 BF16 one on a 2-core Sapphire
+# Rapids-class Xeon (benchmarks/kernels_bf16.py; one AMX tile is 16 rows, so below that the
+# tile's padding is paid for).
+AMX_MIN_ROWS = 8
+
+
+def amx_available() -> bool:
+    """Whether the AMX kernel is loaded and Linux granted this process the tile state."""
+    return _amx() is not None
+
+
+@functools.cache
+def _amx() -> ModuleType | None:
+    ext = AMX.load()
+    return ext if ext is not None and ext.available() else None

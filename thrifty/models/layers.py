@@ -84,8 +84,10 @@ def pack_linears(model: nn.Module) -> int:
     """Lay out each bf16 CPU Linear weight for the packed kernel, once at load; returns how many.
 
     On Zen 4 the packed kernel matches the GEMV at one row and beats both it and oneDNN from 4
-    rows up (benchmarks/kernels_bf16.py), with the same bytes. An embedding tied to a packed head
-    shares the packed weight and reads its rows from it.
+    rows up (benchmarks/kernels_bf16.py), with the same bytes. The packed panels are also AMX's
+    B-tile layout, so on Intel CPUs with AMX the same weight serves prefill and batches from
+    kernels.AMX_MIN_ROWS rows on the tiles (faster than oneDNN with its own prepacked copy).
+    An embedding tied to a packed head shares the packed weight and reads its rows from it.
     """
     if not kernels.available():
         return 0
