@@ -240,9 +240,10 @@ def render(report: dict) -> str:
         " median of the loads after one untimed load, from thrifty's conversion cache, in a"
         " process of its own. Peak RSS: ru_maxrss of a fresh process that loads the engine once"
         " (after load) and then runs every measurement above (largest batch included).",
-        f"thrifty and transformers load the converted HF directory (dequantized from Q4_1) in the"
-        f" dtype shown; transformers uses `generate` with {ATTN_IMPLEMENTATION} attention and its"
-        " dynamic cache. llama.cpp runs the Q4_1 GGUF itself (its native format, memory-mapped).",
+        "thrifty runs the GGUF's own Q4_1 and Q8_0 weights natively (the dtype shown is its"
+        " activations'); transformers dequantizes the same GGUF into the dtype shown and uses"
+        f" `generate` with {ATTN_IMPLEMENTATION} attention and its dynamic cache. llama.cpp runs"
+        " the Q4_1 GGUF itself (its native format, memory-mapped).",
     ]
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"

@@ -67,13 +67,18 @@ class TransformersRunner:
         torch.set_num_threads(THREADS)
         self.torch = torch
         self.dtype = getattr(torch, spec["dtype"])
-        self.path = spec["hf_dir"]
+        self.gguf = Path(spec["gguf"])
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
+        # thrifty's converted directory holds no weights (they stay in the GGUF): transformers
+        # dequantizes the same file into its dtype.
         model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
+            self.gguf.parent,
+            gguf_file=self.gguf.name,
+            dtype=self.dtype,
+            attn_implementation=ATTN_IMPLEMENTATION,
         )
         model.generation_config.eos_token_id = None  # ignore EOS: always max_new_tokens
         self.model = model.eval()

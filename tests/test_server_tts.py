@@ -51,7 +51,8 @@ THINK = {"chat_template_kwargs": {"thinking": True}}
 def thinking_copy(src: Path, dest: Path) -> Path:
     """SmolLM2 with `<think>`/`</think>` as single tokens and a template that can open one."""
     dest.mkdir()
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
+    # The converted directory's marker names the GGUF its weights are read from.
+    for name in ("config.json", "generation_config.json", hub.CONVERTED_MARKER):
         (dest / name).symlink_to(src / name)
     tok = json.loads((src / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
