@@ -111,6 +111,16 @@ def test_requests_that_omit_sampling_fields_get_the_models_defaults(url):
     assert greedy == ask(temperature=0, seed=12)
 
 
+def test_a_response_reports_the_sampling_it_used(url):
+    """The Responses object names the values a request was sampled with: the model's defaults
+    for the fields it left out, not the protocol's 1.0."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+    r = client.responses.create(model=SERVED, input="Hi", max_output_tokens=2)
+    assert (r.temperature, r.top_p) == (0.7, 0.9)  # SmolLM2's conversion names none
+    r = client.responses.create(model=SERVED, input="Hi", max_output_tokens=2, temperature=0)
+    assert (r.temperature, r.top_p) == (0, 0.9)
+
+
 def test_the_chat_template_flag_replaces_the_models(url, template_file):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
     messages = [{"role": "user", "content": "Who are you?"}]

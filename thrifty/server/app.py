@@ -66,7 +66,7 @@ def create_app(
     )
     status = Status(engine, config.model_name, defaults)
     responses = Responses(engine.tokenizer, config.model_name)
-    responses_api = ResponsesApi(engine.tokenizer, config.model_name)
+    responses_api = ResponsesApi(engine.tokenizer, config.model_name, defaults)
     started = int(time.time())
 
     @asynccontextmanager

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from thrifty.generation_defaults import GenerationDefaults
 from thrifty.server.generation import Choice, Generation
 from thrifty.server.protocol import ApiError, ChatCompletionRequest, Lenient, OpenAIRequest
 from thrifty.server.responses import take_text
@@ -146,8 +147,11 @@ def _chat_tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
 
 
 class ResponsesApi:
-    def __init__(self, tokenizer: Tokenizer, model_name: str):
+    def __init__(
+        self, tokenizer: Tokenizer, model_name: str, defaults: GenerationDefaults | None = None
+    ):
         self.tokenizer, self.model_name = tokenizer, model_name
+        self.defaults = defaults or GenerationDefaults()  # what a field left out was sampled with
 
     def _response(
         self, req: ResponsesRequest, rid: str, created: int, output: list, gen: Generation | None
@@ -191,15 +195,20 @@ class ResponsesApi:
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": False,
-            "temperature": req.temperature,
+            "temperature": self._used(req, "temperature"),
             "text": {"format": fmt},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
-            "top_p": req.top_p,
+            "top_p": self._used(req, "top_p"),
             "truncation": "disabled",
             "usage": usage,
             "metadata": {},
         }
+
+    def _used(self, req: ResponsesRequest, field: str) -> float:
+        """The request's value where it gave one, else the model's default it was sampled with."""
+        given = getattr(req, field) if field in req.model_fields_set else None
+        return given if given is not None else getattr(self.defaults, field)
 
     async def full(self, req: ResponsesRequest, gen: Generation) -> dict[str, Any]:
         async for choice, out in gen.outputs():
