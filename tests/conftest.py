@@ -49,3 +49,18 @@ def transformers_gguf():
         return cache[gguf]
 
     return load
+
+
+def pytest_sessionstart(session):
+    """Build the C++ kernels once, before the first test, as `thrifty serve` does at start-up.
+
+    On a fresh machine the first test to touch a kernel would otherwise build it mid-test, and
+    a test of what a command prints would see the one-time "building ..." lines.
+    """
+    from thrifty import kernels
+
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = terminal.write_line if terminal is not None else print
+    line = kernels.prepare(say)
+    if terminal is not None and terminal.verbosity >= 0:
+        say(line)
