@@ -31,7 +31,7 @@ from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.loader import weights
 from thrifty.loader.weights import load_model
-from thrifty.models.moe import RemoteExpert
+from thrifty.models.moe import RemoteExpert, expert_owner
 from thrifty.quant.checkpoint import quantize_checkpoint
 
 COMMON = dict(
@@ -78,6 +78,27 @@ CASES = {
         ),
     ),
 }
+# Dimensions 2 ranks do not divide: SmolLM2's 9 query heads over 3 KV heads (rank 0 takes KV heads
+# 0 and 1 and their 6 queries, rank 1 the last 3), 97 MLP columns (49 + 48), a vocabulary of 301
+# (151 + 150); for DeepSeek-V3 3 MLA heads, 9 experts (5 + 4) and 33 shared-expert columns.
+UNEVEN = dict(num_attention_heads=9, num_key_value_heads=3, intermediate_size=97, vocab_size=301)
+CASES["qwen2-uneven"] = (
+    transformers.Qwen2Config,
+    transformers.Qwen2ForCausalLM,
+    {**UNEVEN, "head_dim": 16, "tie_word_embeddings": False},
+)
+CASES["deepseek-v3-uneven"] = (
+    transformers.DeepseekV3Config,
+    transformers.DeepseekV3ForCausalLM,
+    {
+        **CASES["deepseek-v3"][2],
+        **UNEVEN,
+        "num_attention_heads": 3,
+        "n_routed_experts": 9,
+        "n_group": 3,
+        "moe_intermediate_size": 33,
+    },
+)
 # DeepSeek-V3's FP8 layout splits on whole 128x128 blocks: a rank's rows of q_b_proj (2 heads of
 # 64 + 64), kv_b_proj (2 x (64 + 64)), o_proj's columns (2 x 64), the MLP's and the shared
 # experts' 128 columns each.
@@ -187,6 +208,51 @@ def test_rank_loads_its_slices(tmp_path, as_rank_1_of_2):
     assert torch.equal(model.model.embed_tokens.weight, full["model.embed_tokens.weight"][150:])
     assert torch.equal(model.lm_head.weight, full["lm_head.weight"][150:])
     assert torch.equal(model.model.norm.weight, full["model.norm.weight"])  # replicated
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_loads_its_uneven_slices(tmp_path, monkeypatch, rank):
+    """3 KV heads over 2 ranks: rank 0 holds KV heads 0, 1 and their query heads 0-5, rank 1 KV
+    head 2 and query heads 6-8; 97 MLP columns and 301 vocabulary rows split 49/48, 151/150."""
+    monkeypatch.setattr(distributed, "_rank", rank)
+    monkeypatch.setattr(distributed, "_world_size", 2)
+    monkeypatch.setattr(weights, "pack_linears", lambda model: 0)
+    path = tiny("qwen2-uneven", tmp_path / "qwen2")
+    full = load_file(path / "model.safetensors")
+    model = load_model(path, ModelConfig.from_dir(path), dtype=torch.float32)
+    attn, p = model.model.layers[1].self_attn, "model.layers.1.self_attn."
+    heads, kv_heads = (range(0, 6), range(0, 2)) if rank == 0 else (range(6, 9), range(2, 3))
+    assert (attn.num_heads, attn.num_kv_heads) == (len(heads), len(kv_heads))
+    rows = slice(16 * heads[0], 16 * (heads[-1] + 1))
+    kv_rows = slice(16 * kv_heads[0], 16 * (kv_heads[-1] + 1))
+    q, k, v = (full[p + f"{x}_proj.weight"] for x in "qkv")
+    assert torch.equal(attn.qkv_proj.weight, torch.cat((q[rows], k[kv_rows], v[kv_rows])))
+    qb, kb, vb = (full[p + f"{x}_proj.bias"] for x in "qkv")
+    assert torch.equal(attn.qkv_proj.bias, torch.cat((qb[rows], kb[kv_rows], vb[kv_rows])))
+    assert torch.equal(attn.o_proj.weight, full[p + "o_proj.weight"][:, rows])
+    m, cols = "model.layers.1.mlp.", slice(0, 49) if rank == 0 else slice(49, 97)
+    gate, up = full[m + "gate_proj.weight"], full[m + "up_proj.weight"]
+    assert torch.equal(
+        model.model.layers[1].mlp.gate_up_proj.weight, torch.cat((gate[cols], up[cols]))
+    )
+    assert torch.equal(
+        model.model.layers[1].mlp.down_proj.weight, full[m + "down_proj.weight"][:, cols]
+    )
+    vocab = slice(0, 151) if rank == 0 else slice(151, 301)
+    assert torch.equal(model.model.embed_tokens.weight, full["model.embed_tokens.weight"][vocab])
+    assert model.model.embed_tokens.vocab_start == vocab.start
+    assert torch.equal(model.lm_head.weight, full["lm_head.weight"][vocab])
+    assert model.lm_head.vocab_sizes == [151, 150]
+
+
+def test_experts_are_dealt_in_near_equal_runs():
+    """expert_owner (the all-to-all's destinations) agrees with the experts each rank builds."""
+    for num_experts, world in [(9, 2), (8, 2), (10, 4), (3, 4)]:
+        owners = [
+            r for r in range(world) for _ in range(distributed.chunk(num_experts, world, r)[1])
+        ]
+        assert expert_owner(torch.arange(num_experts), num_experts, world).tolist() == owners
+    assert expert_owner(torch.arange(9), 9, 2).tolist() == [0] * 5 + [1] * 4
 
 
 def test_rank_loads_its_experts(tmp_path, as_rank_1_of_2):

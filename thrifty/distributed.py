@@ -1,7 +1,8 @@
 """The process group of tensor and expert parallelism: rank, world size, collectives, the step.
 
-One group spans every rank: attention heads, MLP columns and the vocabulary are split across all
-of them (tensor parallel) and so are a MoE layer's experts (expert parallel, EP = TP). Rank 0 runs
+One group spans every rank: attention heads (whole KV-head groups), MLP columns and the vocabulary
+are split across all of them (tensor parallel) and so are a MoE layer's experts (expert parallel,
+EP = TP), in near-equal contiguous runs where the ranks do not divide them (`Shard`). Rank 0 runs
 the scheduler and samples; each step it broadcasts the batch (`broadcast_step`) and every rank
 runs the same forward on its shards. Gloo on the CPU, NCCL on CUDA.
 
@@ -61,59 +62,84 @@ def close() -> None:
     _rank, _world_size = 0, 1
 
 
+def chunk(total: int, groups: int, index: int) -> tuple[int, int]:
+    """(start, size) of chunk `index` when `total` things are cut into `groups` near-equal
+    contiguous chunks: the first total % groups chunks hold one more."""
+    base, extra = divmod(total, groups)
+    return index * base + min(index, extra), base + (index < extra)
+
+
 @dataclass(frozen=True)
 class Shard:
-    """How a weight splits across the ranks: along `dim`, each of its merged `parts` (q, k, v, or
-    gate, up; one part when not merged) on its own. `replicas[i]` ranks share one slice of part i:
-    KV heads fewer than the ranks are replicated, each rank keeping the head its queries read."""
+    """How a weight splits across the ranks along `dim`: each of its merged `parts` (q, k, v, or
+    gate, up; one part when not merged) on its own, cut into whole `units` (a part's rows per
+    head or per KV-head group; single rows by default) dealt to the ranks in near-equal
+    contiguous runs, the first ranks one unit more where they do not divide (SmolLM2's 3 KV
+    heads over 2 ranks: 2 and 1). `replicas[i]` ranks share one slice of part i: KV heads fewer
+    than the ranks are replicated, each rank keeping the head its queries read."""
 
     dim: int
     parts: tuple[int, ...]
+    units: tuple[int, ...] | None = None
     replicas: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for i, part in enumerate(self.parts):
-            copies = self.replicas[i] if self.replicas else 1
-            if part * copies % _world_size:
+            unit, copies = self._unit(i), self._copies(i)
+            if part % unit or part // unit < _world_size // copies:
                 raise ThriftyError(
                     f"tensor parallelism over {_world_size} ranks cannot split a weight of "
-                    f"{part} {'rows' if self.dim == 0 else 'columns'} evenly"
+                    f"{part} {'rows' if self.dim == 0 else 'columns'} into {_world_size // copies}"
+                    f" runs of whole {unit}s"
                 )
 
-    def size(self, part: int = 0) -> int:
-        """This rank's slice of part `part` along `dim`."""
-        copies = self.replicas[part] if self.replicas else 1
-        return self.parts[part] * copies // _world_size
+    def _unit(self, part: int) -> int:
+        return self.units[part] if self.units else 1
 
-    def start(self, part: int = 0) -> int:
-        copies = self.replicas[part] if self.replicas else 1
-        return _rank // copies * self.size(part)
+    def _copies(self, part: int) -> int:
+        return self.replicas[part] if self.replicas else 1
+
+    def slice(self, part: int = 0, rank: int | None = None) -> tuple[int, int]:
+        """(start, size) along `dim` of part `part` on `rank` (default: this rank)."""
+        unit, copies = self._unit(part), self._copies(part)
+        r = _rank if rank is None else rank
+        start, size = chunk(self.parts[part] // unit, _world_size // copies, r // copies)
+        return start * unit, size * unit
+
+    def size(self, part: int = 0, rank: int | None = None) -> int:
+        return self.slice(part, rank)[1]
+
+    def start(self, part: int = 0, rank: int | None = None) -> int:
+        return self.slice(part, rank)[0]
+
+    def sizes(self, part: int = 0) -> list[int]:
+        """Every rank's size of part `part`, in rank order."""
+        return [self.size(part, r) for r in range(_world_size)]
 
     @property
     def local(self) -> int:
         return sum(self.size(i) for i in range(len(self.parts)))
 
 
-def split(total: int, what: str) -> int:
-    """total / world size, refused unless it divides evenly (heads, experts, vocab, columns)."""
-    if total % _world_size:
-        raise ThriftyError(
-            f"tensor parallelism over {_world_size} ranks needs {what} divisible by "
-            f"{_world_size}; this model has {total}"
-        )
-    return total // _world_size
-
-
-def kv_head_replicas(num_kv_heads: int) -> int:
-    """Ranks sharing each KV head: 1 when the KV heads split, world / KV heads when fewer."""
+def kv_head_replicas(num_heads: int, num_kv_heads: int) -> int:
+    """Ranks sharing each KV head: 1 when there are at least as many KV heads as ranks (they
+    split, unevenly where they must), world / KV heads when fewer (each rank then takes an equal
+    share of its KV head's queries)."""
     if num_kv_heads >= _world_size:
-        split(num_kv_heads, "KV heads")
         return 1
-    if _world_size % num_kv_heads:
+    if _world_size % num_kv_heads or num_heads % _world_size:
         raise ThriftyError(
-            f"{num_kv_heads} KV heads cannot be replicated evenly over {_world_size} ranks"
+            f"{num_kv_heads} KV heads ({num_heads} query heads) cannot be replicated evenly over "
+            f"{_world_size} ranks"
         )
     return _world_size // num_kv_heads
+
+
+def local_kv_heads(num_heads: int, num_kv_heads: int) -> int:
+    """KV heads this rank caches: its run of them, or the one it shares. Rank 0 holds the most,
+    so its cache, the one the scheduler counts blocks of, has the fewest blocks of any rank."""
+    copies = kv_head_replicas(num_heads, num_kv_heads)
+    return chunk(num_kv_heads, _world_size // copies, _rank // copies)[1]
 
 
 # -- collectives (called only when world_size() > 1) --
@@ -125,10 +151,19 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Every rank's x (equal shapes), concatenated along `dim` in rank order."""
+def all_gather(x: torch.Tensor, dim: int, sizes: list[int] | None = None) -> torch.Tensor:
+    """Every rank's x, concatenated along `dim` in rank order. `sizes`: each rank's length
+    along `dim` where they differ; gloo gathers equal shapes only, so each x is padded to the
+    largest and trimmed back."""
+    most = max(sizes) if sizes else x.shape[dim]
+    if x.shape[dim] < most:
+        pad = list(x.shape)
+        pad[dim] = most - x.shape[dim]
+        x = torch.cat((x, x.new_zeros(pad)), dim=dim)
     parts = [torch.empty_like(x) for _ in range(_world_size)]
     dist.all_gather(parts, x.contiguous())
+    if sizes and min(sizes) < most:
+        parts = [p.narrow(dim, 0, n) for p, n in zip(parts, sizes, strict=True)]
     return torch.cat(parts, dim=dim)
 
 

@@ -34,11 +34,7 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, model: nn.Module | 
 
 def local_kv_heads(cfg: ModelConfig) -> int:
     """KV heads cached on this rank: its share under tensor parallelism, at least one."""
-    return (
-        cfg.num_kv_heads
-        * distributed.kv_head_replicas(cfg.num_kv_heads)
-        // (distributed.world_size())
-    )
+    return distributed.local_kv_heads(cfg.num_heads, cfg.num_kv_heads)
 
 
 def num_kv_blocks(config: EngineConfig, bytes_per_token: int) -> int:

@@ -37,22 +37,27 @@ class Rope:
 
 
 class Attention(nn.Module):
-    """Under tensor parallelism each rank runs its own heads (and the KV heads they read)."""
+    """Under tensor parallelism each rank runs its own KV heads and the query heads that read
+    them (GQA groups stay whole: 3 KV heads over 2 ranks give 2 and 1), or a share of one
+    replicated KV head's queries where the KV heads are fewer than the ranks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        kv_replicas = distributed.kv_head_replicas(cfg.num_kv_heads)
-        self.num_heads = distributed.split(cfg.num_heads, "attention heads")
-        self.num_kv_heads = cfg.num_kv_heads * kv_replicas // distributed.world_size()
+        kv_replicas = distributed.kv_head_replicas(cfg.num_heads, cfg.num_kv_heads)
         self.head_dim = d = cfg.head_dim
-        self.q_size = self.num_heads * d
-        self.kv_size = self.num_kv_heads * d
-        self.scale = cfg.head_dim**-0.5
         q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+        group = q // kv_replicas // cfg.num_kv_heads  # the query rows of a rank's one KV head
         self.qkv_proj = ColumnParallelLinear(
-            cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias, replicas=[1, kv_replicas, kv_replicas]
+            cfg.hidden_size,
+            [q, kv, kv],
+            bias=cfg.qkv_bias,
+            units=[group, d, d],
+            replicas=[1, kv_replicas, kv_replicas],
         )
-        self.o_proj = RowParallelLinear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, bias=cfg.o_bias, unit=group)
+        self.q_size, self.kv_size = self.qkv_proj.shard.size(0), self.qkv_proj.shard.size(1)
+        self.num_heads, self.num_kv_heads = self.q_size // d, self.kv_size // d
+        self.scale = cfg.head_dim**-0.5
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -36,9 +36,9 @@ class KVUpProjection(nn.Module):
     matrices, so it keeps the checkpoint's layout (it is not a Linear, which may be packed).
     Under tensor parallelism it keeps its rank's heads, as q_b_proj does."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, head_rows: int):
         super().__init__()
-        self.shard = Shard(0, (out_features,))
+        self.shard = Shard(0, (out_features,), (head_rows,))
         self.weight = nn.Parameter(torch.empty(self.shard.local, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class MLAttention(nn.Module):
         m = cfg.mla
         assert m is not None
         h = cfg.num_heads
-        self.num_heads = distributed.split(h, "attention heads")
+        self.num_heads = distributed.chunk(h, distributed.world_size(), distributed.rank())[1]
         self.kv_lora_rank, self.nope, self.rope_dim, self.v_dim = (
             m.kv_lora_rank,
             m.qk_nope_head_dim,
@@ -64,17 +64,24 @@ class MLAttention(nn.Module):
         self.q_lora_rank = m.q_lora_rank
         self.rope_interleave = m.rope_interleave
         if m.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(cfg.hidden_size, [h * m.qk_head_dim])
+            self.q_proj = ColumnParallelLinear(
+                cfg.hidden_size, [h * m.qk_head_dim], units=[m.qk_head_dim]
+            )
         else:
             self.q_a_proj = Linear(cfg.hidden_size, m.q_lora_rank, bias=cfg.qkv_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LORA_NORM_EPS)
-            self.q_b_proj = ColumnParallelLinear(m.q_lora_rank, [h * m.qk_head_dim])
+            self.q_b_proj = ColumnParallelLinear(
+                m.q_lora_rank, [h * m.qk_head_dim], units=[m.qk_head_dim]
+            )
         self.kv_a_proj_with_mqa = Linear(
             cfg.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, bias=cfg.qkv_bias
         )
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LORA_NORM_EPS)
-        self.kv_b_proj = KVUpProjection(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim))
-        self.o_proj = RowParallelLinear(h * m.v_head_dim, cfg.hidden_size, bias=cfg.qkv_bias)
+        kv_head = m.qk_nope_head_dim + m.v_head_dim
+        self.kv_b_proj = KVUpProjection(m.kv_lora_rank, h * kv_head, kv_head)
+        self.o_proj = RowParallelLinear(
+            h * m.v_head_dim, cfg.hidden_size, bias=cfg.qkv_bias, unit=m.v_head_dim
+        )
         # YaRN's softmax correction (DeepSeek's mscale): the logits grow by mscale^2.
         self.scale = m.qk_head_dim**-0.5
         rope = cfg.rope

@@ -128,8 +128,8 @@ class RemoteExpert(nn.Module):
 def ep_experts(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: nn.ModuleList
 ) -> torch.Tensor:
-    """grouped_experts with the experts split evenly over the ranks in order (rank r holds
-    experts [r * E / R, (r + 1) * E / R)), the others' places held by RemoteExperts.
+    """grouped_experts with the experts split over the ranks in near-equal runs, in order
+    (`expert_owner`), the others' places held by RemoteExperts.
 
     Every rank has the same N tokens (attention is tensor parallel): each routes its own
     ceil(N / R) of them, and the rows come back together with one all-gather.
@@ -137,11 +137,12 @@ def ep_experts(
     """
     world, me = distributed.world_size(), distributed.rank()
     n, k = ids.shape
-    per_rank, per_owner = -(-n // world), len(experts) // world
+    per_rank = -(-n // world)
     mine = slice(min(me * per_rank, n), min((me + 1) * per_rank, n))
     xs, flat = x[mine], ids[mine].flatten()  # pair p is token p // k of this rank's share
-    order = (flat // per_owner).argsort(stable=True)  # pairs grouped by the expert's rank
-    send = torch.bincount(flat // per_owner, minlength=world)
+    owner = expert_owner(flat, len(experts), world)
+    order = owner.argsort(stable=True)  # pairs grouped by the expert's rank
+    send = torch.bincount(owner, minlength=world)
     sent, received = send.tolist(), distributed.exchange_counts(send)
     # Dispatch: each pair's token and expert to the expert's rank.
     tokens = distributed.all_to_all(xs[order // k], sent, received)
@@ -156,6 +157,14 @@ def ep_experts(
     return distributed.all_gather(out, dim=0)[:n]
 
 
+def expert_owner(expert: torch.Tensor, num_experts: int, world: int) -> torch.Tensor:
+    """The rank holding each expert id: E experts dealt as distributed.chunk deals them, the
+    first E % R ranks one more."""
+    base, extra = divmod(num_experts, world)
+    cut = extra * (base + 1)  # the experts of the ranks that hold one more
+    return torch.where(expert < cut, expert // (base + 1), extra + (expert - cut) // max(base, 1))
+
+
 class MoE(nn.Module):
     """Under expert parallelism this rank builds only its experts; the shared experts are
     split by tensor parallelism like a dense MLP."""
@@ -163,8 +172,9 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()
         self.gate = Router(hidden_size, cfg)
-        per_rank = distributed.split(cfg.num_experts, "routed experts")
-        first = distributed.rank() * per_rank
+        first, per_rank = distributed.chunk(
+            cfg.num_experts, distributed.world_size(), distributed.rank()
+        )
         self.experts = nn.ModuleList(
             Expert(hidden_size, cfg.moe_intermediate_size, tensor_parallel=False)
             if first <= e < first + per_rank
