@@ -3,7 +3,9 @@
 Tiny random Llama / Qwen2 (one KV head, replicated on both ranks) / Qwen3 (qk-norm, tied
 head) / DeepSeek-V3 (MLA, grouped routing, shared experts, experts split over the ranks with
 all-to-all dispatch and combine), each run in a subprocess (tests/tp_generate.py) that spawns its
-second rank, and an FP8 DeepSeek-V3 split on its 128x128 blocks. Also: which slice of each
+second rank; the same for Qwen2 and DeepSeek-V3 with dimensions 2 ranks do not divide (SmolLM2's
+9 query heads over 3 KV heads, odd MLP, vocabulary and expert counts), an FP8 DeepSeek-V3 split
+on its 128x128 blocks, and GGUF files whose slices stay quantized. Also: which slice of each
 checkpoint tensor a rank loads, and `thrifty serve --tensor-parallel-size 2` through the openai
 client, its shutdown and a rank's death.
 """
@@ -19,19 +21,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import tp_generate
 import transformers
+from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file
+from test_quant_gguf import _blocks, _write_tiny_gguf
 from test_server import KEY, launch, openai_client
 
 from thrifty import distributed, hub
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.loader import weights
+from thrifty.loader.gguf import convert_gguf
+from thrifty.loader.gguf_weights import GgufTensor
 from thrifty.loader.weights import load_model
 from thrifty.models.moe import RemoteExpert, expert_owner
+from thrifty.quant import ggml
 from thrifty.quant.checkpoint import quantize_checkpoint
 
 COMMON = dict(
@@ -132,10 +140,10 @@ def tiny(case: str, path: Path, **more) -> Path:
     return path
 
 
-def _two_ranks(path: Path) -> list[list[int]]:
+def _two_ranks(path: Path, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
     script = Path(__file__).with_name("tp_generate.py")
     run = subprocess.run(
-        [sys.executable, str(script), str(path), "2", json.dumps(PROMPTS)],
+        [sys.executable, str(script), str(path), "2", json.dumps(prompts)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -271,6 +279,68 @@ def test_rank_loads_its_experts(tmp_path, as_rank_1_of_2):
     assert torch.equal(attn.kv_b_proj.weight, full[a + "kv_b_proj.weight"][2 * 56 :])
     assert torch.equal(attn.q_b_proj.weight, full[a + "q_b_proj.weight"][2 * 48 :])
     assert torch.equal(attn.kv_a_proj_with_mqa.weight, full[a + "kv_a_proj_with_mqa.weight"])
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_K], ids=lambda t: t.name)
+def test_a_gguf_slice_reads_only_its_bytes(qtype):
+    """Rows in the model's order (q's llama.cpp permutation undone by picking them) and columns
+    cut between blocks: their bytes only, equal to the whole tensor's slice, dequantized or
+    repacked; a cut inside a block (Q4_K's 256) is left to the caller."""
+    raw = _blocks(qtype, 12, 512, np.random.default_rng(0))
+    tensor = GgufTensor("blk.0.attn_q.weight", torch.Size((12, 512)), qtype, raw, num_heads=2)
+    whole = tensor.dequantize()
+    rows = tensor.narrow(0, 4, 6)
+    assert rows is not None and rows.data.nbytes == raw.nbytes // 2
+    assert torch.equal(rows.dequantize(), whole[4:10])
+    assert torch.equal(ggml.dequantize(*rows.quantized()), whole[4:10])
+    columns = tensor.narrow(1, 256, 256)
+    assert columns is not None and columns.data.nbytes == raw.nbytes // 2
+    assert torch.equal(columns.dequantize(), whole[:, 256:])
+    assert torch.equal(ggml.dequantize(*columns.quantized()), whole[:, 256:])
+    cut = tensor.narrow(1, 128, 384)
+    assert (cut is None) == (qtype == T.Q4_K)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_gguf(request, tmp_path_factory) -> Path:
+    """test_quant_gguf's tiny GGUF: mixed quantized types, 2 KV heads, converted."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    _write_tiny_gguf(tmp / "tiny.gguf", request.param, np.random.default_rng(5))
+    return convert_gguf(tmp / "tiny.gguf", tmp / "converted", progress=False)
+
+
+def test_a_rank_keeps_its_gguf_slices_quantized(tiny_gguf, monkeypatch):
+    """Rank 1 of 2 holds the second half of each split weight in the format one process keeps
+    (ggml's q4/q5/q8), with the same values."""
+    cfg = ModelConfig.from_dir(tiny_gguf)
+    whole = load_model(tiny_gguf, cfg, dtype=torch.float32)
+    monkeypatch.setattr(distributed, "_rank", 1)
+    monkeypatch.setattr(distributed, "_world_size", 2)
+    half = load_model(tiny_gguf, cfg, dtype=torch.float32)
+    for name in ("self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        one = whole.get_submodule(f"model.layers.1.{name}")
+        mine = half.get_submodule(f"model.layers.1.{name}")
+        assert mine.weight.dtype in (torch.uint8, torch.int8), name
+        assert ggml.format_of(mine.weight, mine.weight_scale_inv) == ggml.format_of(
+            one.weight, one.weight_scale_inv
+        )
+        full = ggml.dequantize(one.weight, one.weight_scale_inv)
+        if name == "mlp.gate_up_proj":  # rank 1's rows of gate, then of up
+            expected = torch.cat((full[256:512], full[768:]))
+        elif name == "mlp.down_proj":
+            expected = full[:, 256:]
+        else:
+            expected = full[:, 128:]
+        assert torch.equal(ggml.dequantize(mine.weight, mine.weight_scale_inv), expected)
+    embed = half.model.embed_tokens
+    assert ggml.format_of(embed.weight, embed.weight_scale_inv) == ("q8", 32)
+    assert embed.weight.shape[0] == 48
+
+
+def test_two_ranks_of_a_gguf_decode_the_tokens_of_one(tiny_gguf):
+    prompts = [[(5 * i + 3 * j) % 96 for j in range(n)] for i, n in enumerate((5, 11, 17))]
+    one = tp_generate.generate(str(tiny_gguf), 1, prompts)
+    assert _two_ranks(tiny_gguf, prompts) == one
 
 
 def test_indivisible_heads_are_refused(tmp_path, monkeypatch):

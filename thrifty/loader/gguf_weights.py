@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -59,6 +59,28 @@ class GgufTensor:
         rows = self.rows()
         w = w[rows] if rows is not None else w
         return torch.from_numpy(w if w.flags.writeable else w.copy())  # F32: the file's bytes
+
+    def narrow(self, dim: int, start: int, length: int) -> GgufTensor | None:
+        """Rows (dim 0) or columns (dim 1) [start, start + length) of this tensor, as a rank
+        reads its slice under tensor parallelism: only their bytes, since each row is its own
+        run of blocks. None where columns would cut a block (a K-quant's 256) or the tensor is
+        not a matrix: the caller cuts the dequantized whole."""
+        if len(self.shape) != 2:
+            return None
+        n, k = self.shape
+        if dim == 0:  # rows in the model's order; the un-permutation is done by picking them
+            rows = self.rows()
+            pick = (
+                np.arange(start, start + length) if rows is None else rows[start : start + length]
+            )
+            data = np.ascontiguousarray(self.data[pick])
+            return replace(self, shape=torch.Size((length, k)), data=data, num_heads=None)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[self.tensor_type]
+        if start % block or length % block:
+            return None
+        first, last = start // block * block_bytes, (start + length) // block * block_bytes
+        data = np.ascontiguousarray(self.data[:, first:last])
+        return replace(self, shape=torch.Size((n, length)), data=data)
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scale) repacked into a native format (see `native`)."""

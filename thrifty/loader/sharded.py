@@ -5,7 +5,8 @@ merged part (q, k, v; gate, up) on its own; an expert another rank holds is not 
 everything else is read whole (norms, routers, MLA's latent projections). An FP8 weight's
 128x128 block scales are cut with it. Safetensors tensors come as TensorSlice, so only the
 slice's bytes are read; others (GGUF dequantized, pickled) are cut from the whole tensor and
-copied, so that the whole is freed at once.
+copied, so that the whole is freed at once. A GGUF weight's rows, and its columns where the
+cut falls between blocks, are read as bytes and stay quantized (GgufTensor.narrow).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from thrifty import distributed
 from thrifty.errors import ThriftyError
 from thrifty.loader.checkpoint import TensorSlice
+from thrifty.loader.gguf_weights import GgufTensor
 from thrifty.quant import fp8
 
 
@@ -57,13 +59,18 @@ def read_shard(
             )
     if isinstance(tensor, TensorSlice):
         return tensor.read(shard.dim, start, length)
+    if isinstance(tensor, GgufTensor):
+        sliced = tensor.narrow(shard.dim, start, length)
+        if sliced is not None:
+            return sliced
+        tensor = tensor.dequantize()
     return tensor.narrow(shard.dim, start, length).clone()
 
 
 def _is_fp8(tensor) -> bool:
     if isinstance(tensor, TensorSlice):
         return tensor.dtype == "F8_E4M3"
-    return tensor.dtype == fp8.FP8_DTYPE
+    return getattr(tensor, "dtype", None) == fp8.FP8_DTYPE  # a GgufTensor has no dtype
 
 
 def _read(tensor) -> torch.Tensor:

@@ -70,11 +70,11 @@ def load_model(
     fp8_weights = Fp8Weights(model, cfg.quantization, quantization, dtype, device)
     gguf_weights = GgufWeights(model, dtype, device, keep=quantization is None)
 
-    # Tensor parallelism: each rank reads only its slice of each tensor (sharded.py); GGUF
-    # weights come dequantized, since their quantized blocks are not split.
+    # Tensor parallelism: each rank reads only its slice of each tensor (sharded.py), GGUF
+    # weights' included (whole rows of blocks, or columns cut between blocks).
     sliced = distributed.world_size() > 1
     tensors = iter_tensors(
-        Path(path), allow_pickle=allow_pickle, gguf_quantized=not sliced, sliced=sliced
+        Path(path), allow_pickle=allow_pickle, gguf_quantized=True, sliced=sliced
     )
     for name, tensor in tensors:
         if name.endswith(ignored):
