@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -64,3 +65,23 @@ def pytest_sessionstart(session):
     line = kernels.prepare(say)
     if terminal is not None and terminal.verbosity >= 0:
         say(line)
+
+
+# `pytest --tensor-parallel-size N`: read by launch() in test_server.py, which starts the servers.
+TENSOR_PARALLEL_ENV = "THRIFTY_TEST_TENSOR_PARALLEL_SIZE"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="start the servers of the server tests with this many ranks (thrifty serve"
+        " --tensor-parallel-size N): the same tests against a tensor-parallel server",
+    )
+
+
+def pytest_configure(config):
+    size = config.getoption("--tensor-parallel-size")
+    if size > 1:
+        os.environ[TENSOR_PARALLEL_ENV] = str(size)

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from conftest import TENSOR_PARALLEL_ENV
 
 from thrifty import hub
 from thrifty.server.metrics import unlabelled
@@ -45,8 +46,12 @@ def launch(
 ) -> Iterator[str]:
     """Run `thrifty serve MODEL ARGS` on a free port; yield its base URL once /health answers.
 
-    `procs`, if given, receives the server's Popen and its output lines (as `proc.log`).
+    `procs`, if given, receives the server's Popen and its output lines (as `proc.log`). Under
+    `pytest --tensor-parallel-size N` the server runs on N ranks unless ARGS say how many.
     """
+    ranks = os.environ.get(TENSOR_PARALLEL_ENV)
+    if ranks and "--tensor-parallel-size" not in args:
+        args = (*args, "--tensor-parallel-size", ranks)
     port = free_port()
     cmd = [sys.executable, "-m", "thrifty", "serve", model, "--port", str(port), *args]
     proc = subprocess.Popen(
