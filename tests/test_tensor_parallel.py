@@ -29,7 +29,7 @@ import transformers
 from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file
 from test_quant_gguf import _blocks, _write_tiny_gguf
-from test_server import KEY, launch, openai_client
+from test_server import KEY, MODEL, launch, openai_client
 
 from thrifty import distributed, hub
 from thrifty.config import ModelConfig
@@ -376,23 +376,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
-# SmolLM2-135M's 9 heads (3 KV heads) do not split over 2 ranks; Qwen2.5-Coder-0.5B's 14 (2) do.
-QWEN = "qwen2.5-coder-0.5b-instruct"
+# SmolLM2-135M, the default: 3 KV heads over 2 ranks (2 and 1). The whole server suite runs
+# against TP=2 with `pytest tests/test_server*.py tests/test_chat_page.py --tensor-parallel-size 2`.
 SERVE = ("--tensor-parallel-size", "2", "--num-threads", "1", "--max-model-len", "512")
 
 
 @pytest.mark.slow
-def test_server_with_two_ranks(qwen_gguf):
+def test_server_with_two_ranks(smollm2_gguf):
     procs: list = []
-    with launch(*SERVE, env={"THRIFTY_API_KEY": KEY}, procs=procs, model=QWEN) as url:
+    with launch(*SERVE, env={"THRIFTY_API_KEY": KEY}, procs=procs) as url:
         client = openai_client(url)
         question = [{"role": "user", "content": "What is the capital of France?"}]
         full = client.chat.completions.create(
-            model=QWEN, messages=question, max_tokens=16, temperature=0
+            model=MODEL, messages=question, max_tokens=16, temperature=0
         )
         assert "Paris" in full.choices[0].message.content
         stream = client.chat.completions.create(
-            model=QWEN, messages=question, max_tokens=16, temperature=0, stream=True
+            model=MODEL, messages=question, max_tokens=16, temperature=0, stream=True
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == full.choices[0].message.content
@@ -408,9 +408,9 @@ def test_server_with_two_ranks(qwen_gguf):
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_stops_the_server(qwen_gguf):
+def test_a_rank_that_dies_stops_the_server(smollm2_gguf):
     procs: list = []
-    with launch(*SERVE, procs=procs, model=QWEN):
+    with launch(*SERVE, procs=procs):
         server = procs[0]
         rank = next(p for p in _children(server.pid) if b"spawn_main" in _cmdline(p))
         os.kill(rank, signal.SIGKILL)
