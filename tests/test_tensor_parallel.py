@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2 as httpx
 import numpy as np
 import pytest
 import torch
@@ -396,6 +397,11 @@ def test_server_with_two_ranks(smollm2_gguf):
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == full.choices[0].message.content
+        # The weights of both ranks: rank 0 holds 2 of the 3 KV heads and their queries.
+        status = httpx.get(f"{url}/thrifty/status", headers={"Authorization": f"Bearer {KEY}"})
+        ranks_bytes = status.json()["rank_weight_bytes"]
+        assert len(ranks_bytes) == 2 and ranks_bytes[0] > ranks_bytes[1] > 0
+        assert status.json()["weight_bytes"] == sum(ranks_bytes)
         server = procs[0]
         ranks = [p for p in _children(server.pid) if _alive(p)]
         assert ranks, "rank 1 is not a child of the server"

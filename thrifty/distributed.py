@@ -183,6 +183,13 @@ def exchange_counts(send_counts: torch.Tensor) -> list[int]:
     return recv.tolist()
 
 
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (once, at start-up: not for the hot path)."""
+    out: list[Any] = [None] * _world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # -- the step --
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from thrifty import distributed
 from thrifty.config import EngineConfig, ModelConfig
 from thrifty.engine import ranks
 from thrifty.engine.block_manager import BlockManager
@@ -95,6 +96,14 @@ class LLMEngine:
         if not config.num_speculative_tokens and getattr(model, "num_mtp_layers", 0):
             model.drop_mtp()  # only a draft: without speculation, no weights and no cache layer
         self.runner = ModelRunner(model, self.model_config, config)
+        # Every rank's weight bytes (each loads only its shards), for /thrifty/status and `ps`.
+        tensors = [*model.parameters(), *model.buffers()]
+        local_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.rank_weight_bytes = (
+            distributed.gather_object(local_bytes)
+            if config.tensor_parallel_size > 1
+            else [local_bytes]
+        )
         capacity = self.runner.num_blocks * config.block_size
         # A sequence must always fit in the cache alone, or preemption could never make room.
         self.max_model_len = min(

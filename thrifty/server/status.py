@@ -28,9 +28,8 @@ class Status:
     def __init__(self, engine: LLMEngine, model_name: str, defaults: GenerationDefaults):
         self.engine, self.model_name, self.defaults = engine, model_name, defaults
         self.started = time.time()
-        model = engine.runner.model
-        tensors = [*model.parameters(), *model.buffers()]
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.rank_weight_bytes = engine.rank_weight_bytes  # each rank's shards, in rank order
+        self.weight_bytes = sum(self.rank_weight_bytes)
 
     def read(self) -> dict[str, Any]:
         e = self.engine
@@ -43,6 +42,7 @@ class Status:
             "quantization": e.config.quantization,
             "max_model_len": e.max_model_len,
             "weight_bytes": self.weight_bytes,
+            "rank_weight_bytes": self.rank_weight_bytes,
             "resident_bytes": _resident_bytes(),
             "uptime_s": round(time.time() - self.started, 1),
             "running": len(e.scheduler.running),
