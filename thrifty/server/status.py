@@ -75,7 +75,9 @@ def fetch_status(url: str, api_key: str | None = None, timeout_s: float = 5.0) -
         raise ThriftyError(
             f"no thrifty server at {url} ({reason}); start one: thrifty serve"
         ) from None
-    memory = s["resident_bytes"] or s["weight_bytes"]
+    # Resident bytes are rank 0's process only: under TP the weights of all ranks say more.
+    several = len(s.get("rank_weight_bytes", ())) > 1
+    memory = s["weight_bytes"] if several else s["resident_bytes"] or s["weight_bytes"]
     quant = f", {s['quantization']}" if s["quantization"] else ""
     head = f"{'MODEL':<28} {'SIZE':>9}  {'PROCESSOR':<18} {'CONTEXT':>8}  {'RUNNING':>7}  UPTIME"
     row = (
