@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TP_SERVER_TESTS := tests/test_server.py tests/test_server_apps.py tests/test_server_limits.py \
+                   tests/test_server_tts.py
 
 .PHONY: install chat serve test lint bench clean
 
@@ -28,6 +30,8 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check thrifty tests benchmarks
 	$(BIN)/pytest -q
+	# The server tests again, against a server on 2 ranks (tensor parallel; README "Scale out").
+	$(BIN)/pytest -q $(TP_SERVER_TESTS) --tensor-parallel-size 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
