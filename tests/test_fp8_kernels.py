@@ -106,3 +106,110 @@ def test_linear_dispatches_on_the_weight_dtype():
     )
     with pytest.raises(ValueError, match="scale"):
         linear(x, q)
+
+
+# ---- The packed layout (csrc/fp8_packed.cpp): what bf16 models load FP8 weights into ---------
+
+packed_only = pytest.mark.skipif(
+    not fp8_kernels.packed_available(), reason="packed fp8 kernel needs AVX-512 BF16"
+)
+
+
+def _packed_tolerance(x, q, s, y_ref) -> torch.Tensor:
+    """The GEMV reads E4M3's subnormals (|q| <= 7 * 2^-9) as 0 (vdpbf16ps treats denormal bf16
+    inputs as zero): besides the rounding `_tolerance` allows, each such weight may be off by
+    |x| * 2^-6 * its block's scale. The AMX path dequantizes exactly, rounding once to bf16."""
+    w = fp8.dequantize(q, s)
+    subnormal = ((q.view(torch.uint8) & 0x78) == 0) & ((q.view(torch.uint8) & 0x07) != 0)
+    full = fp8.expand_scales(s, fp8.block_rows(q, s), *q.shape)
+    flushed = x.float().abs() @ (subnormal * full * 2**-6).T
+    return _tolerance(x, w, y_ref, exact_weights=False) + flushed
+
+
+def _check_packed(m, n, k, scale_fmt, rows, bias, seed, amx_min_rows):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, : min(k, 8)] = 1e-6  # some subnormals whatever the seed
+    q, s = fp8.quantize(w, scale_fmt, rows=rows)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    packed = fp8_kernels.pack(q)
+    assert packed.shape == (n // 16, k // 4, 64)
+    assert torch.equal(fp8_kernels.unpack(packed).view(torch.uint8), q.view(torch.uint8))
+    ext = fp8_kernels.PACKED.load()
+    y = ext.fp8_packed_linear(x, packed, s, b, amx_min_rows)
+    y_ref = fp8.reference_linear(x, q, s, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    err = (y.float() - y_ref.float()).abs()
+    tol = _packed_tolerance(x, q, s, y_ref)
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item()}"
+
+
+@packed_only
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 32),
+    n16=st.integers(1, 160),
+    k4=st.integers(1, 700),
+    scale_fmt=st.sampled_from(fp8.SCALE_FMTS),
+    rows=st.sampled_from(fp8.ROW_BLOCKS),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(m=1, n16=1, k4=1, scale_fmt="ue8m0", rows=128, bias=False, seed=0)
+@example(m=1, n16=72, k4=224, scale_fmt="ue8m0", rows=128, bias=True, seed=1)  # Qwen's qkv
+@example(m=5, n16=56, k4=1216, scale_fmt="float", rows=128, bias=False, seed=2)  # Qwen's down
+@example(m=3, n16=9, k4=33, scale_fmt="float", rows=16, bias=True, seed=3)  # edge blocks
+def test_packed_gemv_matches_reference(m, n16, k4, scale_fmt, rows, bias, seed):
+    _check_packed(m, 16 * n16, 4 * k4, scale_fmt, rows, bias, seed, amx_min_rows=0)
+
+
+@pytest.mark.skipif(
+    not fp8_kernels.packed_available() or fp8_kernels.amx_min_rows() == 0,
+    reason="needs AMX (and Linux's leave to use its tiles)",
+)
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n16=st.integers(1, 40),
+    k4=st.integers(1, 400),
+    scale_fmt=st.sampled_from(fp8.SCALE_FMTS),
+    rows=st.sampled_from(fp8.ROW_BLOCKS),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(m=40, n16=3, k4=33, scale_fmt="float", rows=16, bias=True, seed=0)  # K % 32 != 0
+def test_packed_amx_matches_reference(m, n16, k4, scale_fmt, rows, bias, seed):
+    _check_packed(m, 16 * n16, 4 * k4, scale_fmt, rows, bias, seed, amx_min_rows=1)
+
+
+@packed_only
+def test_packed_gemv_keeps_large_and_small_x():
+    # x is scaled by 2^a inside (a < 120 once max |x| nears bf16's range): huge and tiny rows
+    # both come out at their own size.
+    q, s = fp8.quantize(torch.randn(32, 256) * 0.05, "ue8m0")
+    packed = fp8_kernels.pack(q)
+    for magnitude in (2.0**-60, 1.0, 2.0**60, 2.0**100):
+        x = (torch.randn(2, 256) * magnitude).bfloat16()
+        y = fp8_kernels.PACKED.load().fp8_packed_linear(x, packed, s, None, 0)
+        y_ref = fp8.reference_linear(x, q, s)
+        assert torch.isfinite(y.float()).all()
+        err = (y.float() - y_ref.float()).abs()
+        assert (err <= _packed_tolerance(x, q, s, y_ref)).all(), magnitude
+
+
+@packed_only
+def test_pack_refuses_nan_and_linear_runs_packed_weights():
+    q, s = fp8.quantize(torch.randn(48, 64), "ue8m0")
+    bad = q.clone()
+    bad.view(torch.uint8)[3, 5] = 0x7F
+    with pytest.raises(ValueError, match="NaN"):
+        fp8_kernels.pack(bad)
+    assert not fp8_kernels.can_pack(q[:40]) and not fp8_kernels.can_pack(q[:, :62])
+    packed = fp8_kernels.pack(q)
+    for dtype in (torch.bfloat16, torch.float32):  # float32 x unpacks: the rare path
+        x = torch.randn(3, 64).to(dtype)
+        y = linear(x, packed, scale=s)
+        y_ref = fp8.reference_linear(x, q, s)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=2**-7, atol=1e-2)

@@ -1,15 +1,21 @@
-"""FP8 (E4M3, block-scaled) linear on the CPU, compiled on first use (csrc/fp8_gemm.cpp).
+"""FP8 (E4M3, block-scaled) linear on the CPU, compiled on first use.
 
-`fp8_linear` picks by the number of rows of x: up to MAX_ROWS a GEMV that reads the FP8 bytes
-once and applies the block scales inside the kernel; beyond, a panel of rows of the weight at a
-time dequantized into x's dtype and handed to torch's matmul. Both are held to
-`thrifty.quant.fp8.reference_linear` by tests/test_fp8_kernels.py. Needs AVX-512 with BF16 and
-VBMI (byte permutes); elsewhere, or if the build fails, `available()` is False and the caller
-uses the reference.
+A bf16 model's FP8 weights are packed at load (`pack`: panels of 16 rows, csrc/fp8_packed.cpp)
+and `packed_linear` runs them: up to `amx_min_rows()` rows of x an AVX-512 BF16 GEMV that
+turns each byte into bf16 with two shifts and a mask and streams the weight once; from there,
+on CPUs with AMX, panels dequantized to bf16 on the tiles. Weights that cannot be packed (rows
+not a multiple of 16, columns not of 4) and float32 models keep the checkpoint's layout and go
+to `fp8_linear` (csrc/fp8_gemm.cpp): up to MAX_ROWS a GEMV with byte lookups, beyond, a panel at a
+time dequantized into x's dtype for torch's matmul. All are held to
+`thrifty.quant.fp8.reference_linear` by tests/test_fp8_kernels.py. Needs AVX-512 with BF16 (and
+VBMI for the unpacked GEMV); elsewhere, or if a build fails, `available()` is False and the
+caller uses the reference.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -85,6 +91,91 @@ KERNEL = Kernel(
     "the torch reference (dequantizes the whole weight on every call)",
     lambda: _cpu_has(_CPU_FLAGS),
 )
+PACKED = Kernel(
+    "thrifty_fp8_packed",
+    CSRC / "fp8_packed.cpp",
+    (
+        "-O3",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+        "-fopenmp",
+    ),  # fmt: skip
+    "FP8 weights in the checkpoint's layout",
+    lambda: _cpu_has(("avx512_bf16",)),
+)
+
+# Packed layout: W (N, K) -> (N / 16, K / 4, 64) bytes, panel p chunk c holding columns
+# 4c .. 4c + 3 of rows 16p .. 16p + 15; byte 2w + 1 is (row w // 2, column w % 2), byte 2w is
+# (row w // 2, column 2 + w % 2). Read as words, the high bytes are one pair-row of the bf16
+# packed layout (kernels.pack_weight) and the low bytes the next; see csrc/fp8_packed.cpp.
+PANEL_ROWS, CHUNK_COLS = 16, 4
+_BYTE_SOURCE = torch.tensor(  # chunk byte b <- (row, column) flattened as row * 4 + column
+    [(b // 4) * 4 + (b // 2) % 2 + (0 if b % 2 else 2) for b in range(64)]
+)
+# From this many rows of x the AMX path beats the AVX-512 GEMV (benchmarks/fp8_kernels.py).
+AMX_MIN_ROWS = 8
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether an FP8 weight can take the packed layout (and the packed kernel is here)."""
+    if weight.dtype != fp8.FP8_DTYPE or weight.dim() != 2 or weight.device.type != "cpu":
+        return False
+    n, k = weight.shape
+    return n > 0 and k > 0 and n % PANEL_ROWS == 0 and k % CHUNK_COLS == 0
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) float8_e4m3fn -> (N / 16, K / 4, 64) float8_e4m3fn; see can_pack. The GEMV would
+    read E4M3's NaN bytes as numbers, so a weight holding any is refused."""
+    n, k = weight.shape
+    b = weight.view(torch.uint8)
+    if bool(((b & 0x7F) == 0x7F).any()):
+        raise ValueError(f"an fp8 weight {tuple(weight.shape)} holds NaN; it cannot be packed")
+    chunks = b.view(n // PANEL_ROWS, PANEL_ROWS, k // CHUNK_COLS, CHUNK_COLS).transpose(1, 2)
+    packed = chunks.reshape(n // PANEL_ROWS, k // CHUNK_COLS, 64)[..., _BYTE_SOURCE]
+    return packed.contiguous().view(fp8.FP8_DTYPE)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack: the (N, K) weight in the checkpoint's layout."""
+    p, c, _ = packed.shape
+    chunks = torch.empty_like(packed.view(torch.uint8))
+    chunks[..., _BYTE_SOURCE] = packed.view(torch.uint8)
+    w = chunks.view(p, c, PANEL_ROWS, CHUNK_COLS).transpose(1, 2)
+    return w.reshape(p * PANEL_ROWS, c * CHUNK_COLS).contiguous().view(fp8.FP8_DTYPE)
+
+
+def packed_shape(packed: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of the weight a packed one holds."""
+    return packed.shape[0] * PANEL_ROWS, packed.shape[1] * CHUNK_COLS
+
+
+def packed_available() -> bool:
+    """Whether the packed kernel is loaded (builds it on the first call)."""
+    return PACKED.load() is not None
+
+
+@functools.cache
+def amx_min_rows() -> int:
+    """Rows of x from which packed_linear runs on AMX: AMX_MIN_ROWS where this CPU and Linux
+    give the process AMX tiles, else 0 (never: the AVX-512 GEMV at every batch size)."""
+    ext = PACKED.load()
+    return AMX_MIN_ROWS if ext is not None and ext.amx_available() else 0
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ (W * scale)^T + bias for a packed FP8 weight (see pack). bf16 x runs on the packed
+    kernel; other dtypes (rare: weights are packed for bf16 models) unpack first."""
+    if x.dtype == torch.bfloat16 and (ext := PACKED.load()) is not None:
+        return ext.fp8_packed_linear(x, packed, scale, bias, amx_min_rows())  # infers block rows
+    w = unpack(packed)
+    return fp8_linear(x, w, scale, fp8.block_rows(w, scale), bias)
 
 
 def linear(
@@ -94,6 +185,8 @@ def linear(
     reference (which dequantizes the whole weight on every call)."""
     if scale is None:
         raise ValueError(f"an fp8 weight {tuple(weight.shape)} needs its block scales")
+    if weight.dim() == 3:
+        return packed_linear(x, weight, scale, bias)
     if (
         weight.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float32)
@@ -115,3 +208,22 @@ def dequantized_linear(
     weight lives only for the call; its bytes from memory are the FP8 ones plus the scales."""
     w = fp8.dequantize(weight, scale, x.dtype)
     return torch.nn.functional.linear(x, w, bias)
+
+
+def linear_kernel(
+    weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`linear` for one FP8 weight with its kernel looked up once (models.layers.linear_kernel):
+    a packed weight binds the packed kernel and its AMX threshold, any other goes through
+    `linear` each call."""
+    ext = PACKED.load() if weight.dim() == 3 else None
+    if ext is None or scale is None:
+        return functools.partial(linear, weight=weight, scale=scale, bias=bias)
+    run, amx_rows = ext.fp8_packed_linear, amx_min_rows()
+
+    def packed(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return packed_linear(x, weight, scale, bias)
+        return run(x, weight, scale, bias, amx_rows)
+
+    return packed
