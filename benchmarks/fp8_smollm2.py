@@ -34,6 +34,11 @@ GROUPS = {
 }
 
 
+def checkpoint_layout(weight: torch.Tensor) -> torch.Tensor:
+    """An FP8 weight as the checkpoint lays it out (the loader packs them for the CPU kernel)."""
+    return fp8_kernels.unpack(weight) if weight.dim() == 3 else weight
+
+
 def kernel_vs_reference(llm: LLM) -> tuple[int, float]:
     """Every FP8 linear, the fast kernel against the reference, on 1 and 8 random rows:
     (linears checked, worst max |difference| / max |reference|)."""
@@ -41,10 +46,11 @@ def kernel_vs_reference(llm: LLM) -> tuple[int, float]:
     torch.manual_seed(0)
     for module in llm.engine.runner.model.modules():
         if isinstance(module, Linear) and module.weight.dtype == torch.float8_e4m3fn:
+            w = checkpoint_layout(module.weight)
             for rows in (1, 8):
-                x = torch.randn(rows, module.weight.shape[1]).to(torch.bfloat16)
+                x = torch.randn(rows, w.shape[1]).to(torch.bfloat16)
                 fast = fp8_kernels.linear(x, module.weight, module.weight_scale_inv, module.bias)
-                ref = fp8.reference_linear(x, module.weight, module.weight_scale_inv, module.bias)
+                ref = fp8.reference_linear(x, w, module.weight_scale_inv, module.bias)
                 err = (fast.float() - ref.float()).abs().max() / ref.float().abs().max()
                 worst = max(worst, err.item())
             count += 1
@@ -80,7 +86,7 @@ def main() -> None:
         "thrifty FP8 (fast kernels)": fp8_llm.generate(ids, greedy)[0].outputs[0].text,
     }
     real = fp8_kernels.linear
-    fp8_kernels.linear = lambda x, w, s, b=None: fp8.reference_linear(x, w, s, b)
+    fp8_kernels.linear = lambda x, w, s, b=None: fp8.reference_linear(x, checkpoint_layout(w), s, b)
     try:
         answers["thrifty FP8 (reference_linear)"] = fp8_llm.generate(ids, greedy)[0].outputs[0].text
     finally:

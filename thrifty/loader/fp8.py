@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.kernels import fp8 as fp8_kernels
 from thrifty.models.layers import Linear
 from thrifty.quant import fp8
 
@@ -108,7 +109,18 @@ class Fp8Weights:
         return attr == "weight" and isinstance(self.model.get_submodule(module_name), Linear)
 
     def attach(self) -> None:
-        """Set each FP8 weight's Linear module's block scales (after the weights are set)."""
+        """Set each FP8 weight's Linear module's block scales (after the weights are set), and
+        on the CPU, in a bf16 model that takes packed weights, pack the weight for the packed
+        FP8 kernel (kernels/fp8.py) where its shape allows."""
+        pack = (
+            getattr(self.model, "packs_weights", False)
+            and self.dtype == torch.bfloat16
+            and torch.device(self.device).type == "cpu"
+            and fp8_kernels.packed_available()
+        )
         for target, scale in self.attached.items():
             module = self.model.get_submodule(target.rpartition(".")[0])
             module.weight_scale_inv = scale
+            if pack and fp8_kernels.can_pack(module.weight):
+                w = fp8_kernels.pack(module.weight.data)
+                module.weight = nn.Parameter(w, requires_grad=False)

@@ -30,10 +30,10 @@ def linear(
     A GGUF weight repacked as q4 / q5 (uint8) or q8 (int8) comes with its group scales in the same
     slot (thrifty/quant/ggml.py).
     """
+    if weight.dtype == torch.float8_e4m3fn:  # checkpoint layout or packed (3-d): fp8 decides
+        return fp8_kernels.linear(x, weight, scale, bias)
     if weight.dim() == 3:
         return kernels.packed_linear(x, weight, bias)
-    if weight.dtype == torch.float8_e4m3fn:
-        return fp8_kernels.linear(x, weight, scale, bias)
     if weight.dtype in (torch.uint8, torch.int8):
         return ggml_kernels.linear(x, weight, scale, bias)
     if (
