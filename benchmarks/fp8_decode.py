@@ -2,7 +2,8 @@
 
 Each variant runs in its own process (so resident memory is its own), variants interleaved
 round by round; medians over rounds. Variants:
-- bf16: the converted checkpoint loaded in bf16;
+- bf16: the GGUF's weights dequantized to bf16 (thrifty otherwise keeps the GGUF's Q8_0 blocks
+  and runs them natively, since adffe12: that is the `gguf-native` variant, not in the default);
 - fp8: the same, `quantization="fp8"` (linear weights in E4M3 + UE8M0 block scales; embeddings,
   norms and lm_head stay bf16, as in DeepSeek's checkpoints);
 - fp8-all: `quantization="fp8-all"`, the untied lm_head in FP8 too (as llama.cpp's Q8_0 does
@@ -48,7 +49,14 @@ def run_thrifty(variant: str, tokens: int) -> dict:
     from thrifty.models.layers import Linear
 
     torch.set_num_threads(THREADS)
-    quantization = {"bf16": None, "fp8": "fp8", "fp8-all": "fp8-all"}[variant]
+    if variant != "gguf-native":  # the GGUF dequantized to bf16, as the FP8 variants start from
+        from thrifty.loader import gguf_weights
+
+        init = gguf_weights.GgufWeights.__init__
+        gguf_weights.GgufWeights.__init__ = lambda self, *a, keep, **kw: init(
+            self, *a, keep=False, **kw
+        )
+    quantization = {"bf16": None, "gguf-native": None, "fp8": "fp8", "fp8-all": "fp8-all"}[variant]
     llm = LLM(
         MODEL,
         quantization=quantization,
