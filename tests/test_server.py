@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
-from conftest import TENSOR_PARALLEL_ENV
 
 from thrifty import hub
 from thrifty.server.metrics import unlabelled
@@ -30,6 +29,9 @@ pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789"
 MODEL = "smollm2-135m-instruct"
 CONTEXT = 1024
+# Set by `pytest --tensor-parallel-size N` (tests/conftest.py); a conftest is not importable by
+# name (tests/hostile has its own), so the variable is named here too.
+TENSOR_PARALLEL_ENV = "THRIFTY_TEST_TENSOR_PARALLEL_SIZE"
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
 
