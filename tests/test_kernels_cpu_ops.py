@@ -64,6 +64,28 @@ def test_rms_norm_matches_reference(rows, dim, dtype, seed):
 
 @settings(max_examples=20, deadline=None)
 @given(
+    rows=st.integers(1, 40),
+    dim=st.sampled_from([8, 576, 896, 1000]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_add_rms_norm_updates_the_residual_like_the_unfused_ops(rows, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    residual = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    w = torch.randn(dim, generator=g).to(dtype)
+    want_residual = residual + x  # what the layer computed before the fused op
+    want = kernels.reference_rms_norm(want_residual, w, 1e-5)
+    ref_residual = residual.clone()
+    assert torch.equal(kernels.reference_add_rms_norm(x, ref_residual, w, 1e-5), want)
+    got = kernels.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(residual, want_residual) and torch.equal(ref_residual, want_residual)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
     tokens=st.integers(1, 40),
     kv_heads=st.sampled_from([1, 3]),
     head_dim=st.sampled_from([8, 64]),
@@ -130,6 +152,50 @@ def test_rope_matches_reference(rows, heads, dims, pad, dtype, seed):
     assert got.shape == x.shape and got.is_contiguous()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, kernels.reference_rope(x, cos, sin), atol=tol, rtol=tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    heads=st.sampled_from([(1, 1), (3, 1), (9, 3), (14, 2)]),  # (query heads, KV heads)
+    dims=st.sampled_from([(64, 64), (128, 128), (64, 32), (2, 2)]),  # (head_dim, rotary dims)
+    pad=st.integers(0, 40),  # qkv may be a view with a wider row
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_store_kv_matches_rope_then_store(rows, heads, dims, pad, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    (h, hkv), (d, r) = heads, dims
+    wide = torch.randn(rows, (h + 2 * hkv) * d + pad, generator=g).to(dtype)
+    qkv = wide[:, : (h + 2 * hkv) * d]
+    angles = torch.rand(rows, 1, r // 2, generator=g) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    k_cache = torch.randn(4, 8, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(4, 8, hkv, d, generator=g).to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(32, generator=g)[:rows]
+    q = kernels.rope_store_kv(qkv, cos, sin, k_cache, v_cache, slots, h, hkv)
+    want_q = kernels.reference_rope_store_kv(qkv, cos, sin, want_k, want_v, slots, h, hkv)
+    assert q.shape == (rows, h, d) and q.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, want_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache, want_k, atol=tol, rtol=tol)
+    assert torch.equal(v_cache, want_v)  # values are copied, not rounded
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(k_cache.view(32, hkv, d)[untouched], want_k.view(32, hkv, d)[untouched])
+
+
+def test_rope_store_kv_refuses_a_slot_outside_the_cache():
+    qkv, angles = torch.ones(1, 3 * 8), torch.zeros(1, 1, 4)
+    cache = torch.zeros(2, 4, 1, 8)
+    try:
+        kernels.rope_store_kv(qkv, angles.cos(), angles.sin(), cache, cache.clone(),
+                              torch.tensor([8]), 1, 1)  # fmt: skip
+    except RuntimeError as e:
+        assert "slot out of range" in str(e)
+    else:
+        raise AssertionError("an out-of-range slot was written")
 
 
 @settings(max_examples=30, deadline=None)

@@ -176,6 +176,21 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return y.to(x.dtype) * weight
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual += x (in place), then RMSNorm(residual): the residual stream's add and the next
+    norm in one pass over the row, compiled."""
+    return _cpu_ops().add_rms_norm(x, residual, weight, eps)
+
+
+def reference_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    residual.add_(x)
+    return reference_rms_norm(residual, weight, eps)
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -209,6 +224,41 @@ def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     xf, c, s = x.float(), cos.float(), sin.float()
     x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, rest), dim=-1).to(x.dtype)
+
+
+def rope_store_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """From the fused projection qkv (N, (H + 2 Hkv) D): rotate q and k, write k and v into
+    their cache slots, return q (N, H, D); one pass instead of slicing, rope and the store."""
+    return _cpu_ops().rope_store_kv(
+        qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
+    )
+
+
+def reference_rope_store_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    n, h, hkv = qkv.shape[0], num_heads, num_kv_heads
+    d = qkv.shape[1] // (h + 2 * hkv)
+    qk = reference_rope(qkv[:, : (h + hkv) * d].reshape(n, h + hkv, d), cos, sin)
+    reference_store_kv(qk[:, h:], qkv[:, (h + hkv) * d :].reshape(n, hkv, d), k_cache, v_cache,
+                       slot_mapping)  # fmt: skip
+    return qk[:, :h]
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -364,19 +414,29 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y = x @ W^T + bias for x (..., K) in the weight's dtype and W packed by pack_weight.
+    """y = x @ W^T + bias for x (..., K) in the weight's dtype and W packed by pack_weight."""
+    return packed_kernel(packed, bias)(x)
+
+
+def packed_kernel(
+    packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """packed_linear for one weight, its kernels looked up once (the decode step calls it a
+    hundred times a token).
 
     From AMX_MIN_ROWS rows of x a bf16 weight goes to the AMX tiles where the CPU has them
     (csrc/amx_gemm.cpp reads the same packed layout); fewer rows stream through AVX-512 BF16.
     """
-    if (
-        packed.dtype == torch.bfloat16
-        and x.numel() >= AMX_MIN_ROWS * x.shape[-1]
-        and packed.shape[1] % 16 == 0
-        and (amx := _amx()) is not None
-    ):
-        return amx.amx_packed_linear(x, packed, bias)
-    return _extension().packed_linear(x, packed, bias)
+    gemv = _extension().packed_linear
+    amx = _amx() if packed.dtype == torch.bfloat16 and packed.shape[1] % 16 == 0 else None
+    if amx is None:
+        return lambda x: gemv(x, packed, bias)
+    gemm, min_numel = amx.amx_packed_linear, AMX_MIN_ROWS * packed.shape[1] * 2
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return (gemm if x.numel() >= min_numel else gemv)(x, packed, bias)
+
+    return run
 
 
 # From this many rows of x the AMX kernel beats the AVX-512 BF16 one on a 2-core Sapphire

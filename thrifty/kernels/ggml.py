@@ -10,6 +10,7 @@ dequantizes the whole weight on every call).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -43,29 +44,33 @@ def available() -> bool:
     return _extension() is not None
 
 
-def _fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and x.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float32)
-        and weight.is_contiguous()
-        and scale.is_contiguous()
-        and available()
-    )
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The GGUF branch of models.layers.linear: y = x @ W^T + bias for a repacked weight."""
+    return linear_kernel(weight, scale, bias)(x)
+
+
+def linear_kernel(
+    weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`linear` for one weight, its format and kernels looked up once: the GEMV up to MAX_ROWS
+    rows of x, the dequantizing GEMM beyond, the reference where the kernels cannot run."""
     if scale is None:
         raise ValueError(f"a GGUF-quantized weight {tuple(weight.shape)} needs its group scales")
-    if not _fits(x, weight, scale):
-        return ggml.reference_linear(x, weight, scale, bias)
     fmt, group = ggml.format_of(weight, scale)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    op = _extension().ggml_gemv if rows <= MAX_ROWS else _extension().ggml_gemm
-    return op(x, weight, scale, bias, _FORMATS[fmt], group)
+    ext = _extension() if weight.device.type == "cpu" else None
+    if ext is None or not (weight.is_contiguous() and scale.is_contiguous()):
+        return lambda x: ggml.reference_linear(x, weight, scale, bias)
+    code, gemv, gemm = _FORMATS[fmt], ext.ggml_gemv, ext.ggml_gemm
+    max_numel = MAX_ROWS * ggml.in_features(weight, scale)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+            return ggml.reference_linear(x, weight, scale, bias)
+        return (gemv if x.numel() <= max_numel else gemm)(x, weight, scale, bias, code, group)
+
+    return run
 
 
 def gemm(

@@ -161,15 +161,22 @@ def paged_attention(
 
     q: (N, H, D); k, v: (N, Hkv, D); caches: (num_blocks, block_size, Hkv, D). Returns (N, H * D).
     """
+    slots = get_context().slot_mapping
+    if k.device.type == "cpu" and kernels.cpu_ops_available():
+        kernels.store_kv(k, v, k_cache, v_cache, slots)  # index_copy_ is slow here
+    else:
+        hkv, d = k.shape[1:]
+        k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
+    return attend_cached(q, k_cache, v_cache, scale)
+
+
+def attend_cached(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attend with the step's keys and values already in the cache: q (N, H, D) -> (N, H * D)."""
     meta = get_context()
     n, h, d = q.shape
-    hkv = k.shape[1]
-    k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    if k.device.type == "cpu" and kernels.cpu_ops_available():
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # index_copy_ is slow here
-    else:
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
     if meta.parts:
         out = q.new_empty(n, h * d)
         for rows, part in meta.parts:

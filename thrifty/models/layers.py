@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +50,30 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+def linear_kernel(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`linear` for one weight with its kernel chosen once, from the weight's storage and the
+    CPU's features: what a Linear calls on the hot path. Packed bf16 and GGUF weights get their
+    compiled kernels bound (rows of x still pick GEMV or GEMM per call); any other weight goes
+    through `linear` each call."""
+    if weight.dtype == torch.float8_e4m3fn:
+        return fp8_kernels.linear_kernel(weight, scale, bias)
+    if weight.dim() == 3:
+        return kernels.packed_kernel(weight, bias)
+    if weight.dtype in (torch.uint8, torch.int8):
+        return ggml_kernels.linear_kernel(weight, scale, bias)
+    return functools.partial(linear, weight=weight, bias=bias, scale=scale)
+
+
 class Linear(nn.Module):
-    """A weight (and optional bias) in the checkpoint's layout (out_features, in_features)."""
+    """A weight (and optional bias) in the checkpoint's layout (out_features, in_features).
+
+    Its kernel is chosen on the first forward (`linear_kernel`) and chosen again after any of
+    weight, bias or weight_scale_inv is set anew (the loader packs and repacks weights).
+    """
+
+    _TENSORS = frozenset(("weight", "bias", "weight_scale_inv"))
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -58,8 +82,25 @@ class Linear(nn.Module):
         # Block scales of an FP8 weight, set by the loader when the checkpoint has them.
         self.register_buffer("weight_scale_inv", None)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in Linear._TENSORS:
+            self.__dict__.pop("_kernel", None)
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True):
+        self.__dict__.pop("_kernel", None)
+        super().register_buffer(name, tensor, persistent)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(): buffers are swapped in place
+        self.__dict__.pop("_kernel", None)
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_scale_inv)
+        kernel = self.__dict__.get("_kernel")
+        if kernel is None:
+            kernel = linear_kernel(self.weight, self.bias, self.weight_scale_inv)
+            self.__dict__["_kernel"] = kernel
+        return kernel(x)
 
 
 class Embedding(nn.Module):
@@ -110,11 +151,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x); or, given the residual stream, (RMSNorm(residual + x), residual + x) with
+        the residual updated in place (the add before each norm of a pre-norm transformer)."""
         # On the CPU torch's rms_norm is six ops; the compiled one is a single pass.
-        if x.device.type == "cpu" and x.dtype in _CPU_OPS_DTYPES and kernels.cpu_ops_available():
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        compiled = (
+            x.device.type == "cpu" and x.dtype in _CPU_OPS_DTYPES and kernels.cpu_ops_available()
+        )
+        if residual is None:
+            if compiled:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if compiled and residual.is_contiguous():
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = residual + x
+        return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual
 
 
 _CPU_OPS_DTYPES = (torch.float32, torch.bfloat16)

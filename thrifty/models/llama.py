@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from thrifty import distributed
+from thrifty import distributed, kernels
 from thrifty.config import ModelConfig
-from thrifty.models.attention import paged_attention
+from thrifty.models.attention import attend_cached, get_context, paged_attention
 from thrifty.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from thrifty.models.parallel import (
     ColumnParallelLinear,
@@ -34,6 +34,16 @@ class Rope:
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return self.emb.rotate(x, self.cos, self.sin)
+
+    def fused_with(self, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether the compiled rope_store_kv can take this step's q/k/v and cache."""
+        return (
+            qkv.device.type == "cpu"
+            and qkv.dtype in (torch.float32, torch.bfloat16)
+            and qkv.dtype == k_cache.dtype
+            and qkv.stride(-1) == 1
+            and kernels.cpu_ops_available()
+        )
 
 
 class Attention(nn.Module):
@@ -72,6 +82,13 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = qkv[:, : self.q_size].view(n, h, d), qkv[:, self.q_size : -self.kv_size]
             q, k = rope.rotate(self.q_norm(q)), rope.rotate(self.k_norm(k.view(n, hkv, d)))
+        elif rope.fused_with(qkv, self.k_cache):
+            # One pass over the fused output: q and k rotated, k and v stored in the cache.
+            slots = get_context().slot_mapping
+            q = kernels.rope_store_kv(
+                qkv, rope.cos, rope.sin, self.k_cache, self.v_cache, slots, h, hkv
+            )
+            return self.o_proj(attend_cached(q, self.k_cache, self.v_cache, self.scale))
         else:
             # q and k sit side by side in the fused output: rotate them as one (N, H + Hkv, D).
             qk = rope.rotate(qkv[:, : self.q_size + self.kv_size].view(n, h + hkv, d))
@@ -99,9 +116,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's attention and MLP outputs are added to the residual stream by the norm
+        after each (one pass): returns (this layer's MLP output, the stream before it)."""
+        if residual is None:  # the first layer: the stream is the embeddings
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, rope), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -141,9 +166,10 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states (N, hidden) for N new tokens of the batch in the forward context."""
         x = self.model.embed_tokens(input_ids)
         rope = Rope(self.rotary_emb, *self.rotary_emb.cos_sin(positions, x.dtype))
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, rope)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -250,40 +250,64 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// One row: normalise in float32, round to the activation dtype, then scale by the weight, as
+// the reference models do.
 template <typename T>
-void rms_rows(const T* x, const T* w, T* out, int64_t N, int64_t D, float eps) {
+inline void rms_row(const T* xr, const T* w, T* out, int64_t D, float eps) {
+  float ss = 0.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = to_float(xr[d]);
+    ss += v * v;
+  }
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (int64_t d = 0; d < D; ++d)
+    out[d] = static_cast<T>(to_float(static_cast<T>(to_float(xr[d]) * inv)) * to_float(w[d]));
+}
+
+// residual (N, D) += x, rounded to the dtype as `residual + x` is (when `x` is given), then
+// out = RMSNorm(residual).
+template <typename T>
+void rms_rows(const T* x, T* residual, const T* w, T* out, int64_t N, int64_t D, float eps) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const T* xr = x + n * D;
-      float ss = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float v = to_float(xr[d]);
-        ss += v * v;
-      }
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
-      // As the reference models: normalise in float32, round to the activation dtype, then
-      // scale by the weight.
-      for (int64_t d = 0; d < D; ++d)
-        out[n * D + d] = static_cast<T>(to_float(static_cast<T>(to_float(xr[d]) * inv)) * to_float(w[d]));
+      T* r = residual + n * D;
+      if (x != nullptr)
+        for (int64_t d = 0; d < D; ++d) r[d] = static_cast<T>(to_float(r[d]) + to_float(x[n * D + d]));
+      rms_row(r, w, out + n * D, D, eps);
     }
   });
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must share a dtype");
-  x = x.contiguous();
-  const int64_t D = x.size(-1), N = x.numel() / D;
-  TORCH_CHECK(weight.numel() == D && weight.is_contiguous(), "weight must be a (D,) vector");
-  auto out = torch::empty_like(x);
-  if (x.scalar_type() == torch::kBFloat16) {
-    rms_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
-                            out.data_ptr<c10::BFloat16>(), N, D, static_cast<float>(eps));
+// RMSNorm(residual + x) with residual updated in place (x undefined: RMSNorm(residual)).
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+                           double eps) {
+  TORCH_CHECK(residual.scalar_type() == weight.scalar_type(), "x and weight must share a dtype");
+  const bool add = x.defined();
+  if (add) {
+    TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.sizes() == residual.sizes(),
+                "x and the residual must match");
+    TORCH_CHECK(residual.is_contiguous(), "the residual must be contiguous");
+    x = x.contiguous();
   } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat, "only float32 and bfloat16 are supported");
-    rms_rows<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), N, D,
-                    static_cast<float>(eps));
+    residual = residual.contiguous();
+  }
+  const int64_t D = residual.size(-1), N = residual.numel() / D;
+  TORCH_CHECK(weight.numel() == D && weight.is_contiguous(), "weight must be a (D,) vector");
+  auto out = torch::empty_like(residual);
+  if (residual.scalar_type() == torch::kBFloat16) {
+    using T = c10::BFloat16;
+    rms_rows<T>(add ? x.data_ptr<T>() : nullptr, residual.data_ptr<T>(), weight.data_ptr<T>(),
+                out.data_ptr<T>(), N, D, static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(residual.scalar_type() == torch::kFloat, "only float32 and bfloat16 are supported");
+    rms_rows<float>(add ? x.data_ptr<float>() : nullptr, residual.data_ptr<float>(),
+                    weight.data_ptr<float>(), out.data_ptr<float>(), N, D, static_cast<float>(eps));
   }
   return out;
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  return add_rms_norm(torch::Tensor(), x, weight, eps);
 }
 
 // Write the new tokens' keys and values into their cache slots: k, v (N, Hkv, D) into the
@@ -314,10 +338,22 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   }
 }
 
-// Rotary embedding in the rotate-half (GPT-NeoX) layout: x (N, H, D), any strides with a unit
-// last one (a view of the fused qkv output); cos, sin (N, R / 2) contiguous in x's dtype, R the
-// rotary dims. Row n, head h: the first R dims become (x1 c - x2 s, x2 c + x1 s), the rest are
-// copied. One pass in float32, rounded once, into a new contiguous (N, H, D).
+// Rotary embedding in the rotate-half (GPT-NeoX) layout, one head: the first R dims become
+// (x1 c - x2 s, x2 c + x1 s), the rest are copied; in float32, rounded once.
+template <typename T>
+inline void rope_head(const T* xr, const T* c, const T* s, T* o, int64_t D, int64_t R) {
+  const int64_t half = R / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = to_float(xr[j]), x2 = to_float(xr[j + half]);
+    const float cj = to_float(c[j]), sj = to_float(s[j]);
+    o[j] = static_cast<T>(x1 * cj - x2 * sj);
+    o[j + half] = static_cast<T>(x2 * cj + x1 * sj);
+  }
+  for (int64_t j = R; j < D; ++j) o[j] = xr[j];
+}
+
+// x (N, H, D), any strides with a unit last one (a view of the fused qkv output); cos, sin
+// (N, R / 2) contiguous in x's dtype, R the rotary dims; into a new contiguous (N, H, D).
 template <typename T>
 void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t N, int64_t H, int64_t D,
                int64_t R, int64_t sn, int64_t sh) {
@@ -325,17 +361,7 @@ void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t N, int64_
   at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / H, h = i % H;
-      const T* xr = x + n * sn + h * sh;
-      const T* c = cos + n * half;
-      const T* s = sin + n * half;
-      T* o = out + i * D;
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = to_float(xr[j]), x2 = to_float(xr[j + half]);
-        const float cj = to_float(c[j]), sj = to_float(s[j]);
-        o[j] = static_cast<T>(x1 * cj - x2 * sj);
-        o[j + half] = static_cast<T>(x2 * cj + x1 * sj);
-      }
-      for (int64_t j = R; j < D; ++j) o[j] = xr[j];
+      rope_head(x + n * sn + h * sh, cos + n * half, sin + n * half, out + i * D, D, R);
     }
   });
 }
@@ -360,6 +386,70 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
                      out.data_ptr<float>(), N, H, D, R, x.stride(0), x.stride(1));
   }
   return out;
+}
+
+// The attention's q/k/v step in one pass over the fused projection qkv (N, (H + 2 Hkv) D), rows
+// with a unit last stride: q and k rotated (rope_head), k and v written into their cache slots
+// (caches (slots, Hkv, D) contiguous, row n to slot_mapping[n]); returns the rotated q (N, H, D).
+template <typename T>
+void rope_store_rows(const T* qkv, const T* cos, const T* sin, T* q, T* k_cache, T* v_cache,
+                     const int64_t* slot, int64_t N, int64_t H, int64_t Hkv, int64_t D, int64_t R,
+                     int64_t sn) {
+  const int64_t half = R / 2, heads = H + Hkv;
+  at::parallel_for(0, N * heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / heads, h = i % heads;
+      const T* row = qkv + n * sn;
+      const T* c = cos + n * half;
+      const T* s = sin + n * half;
+      if (h < H) {
+        rope_head(row + h * D, c, s, q + (n * H + h) * D, D, R);
+      } else {
+        const int64_t kvh = h - H, at = (slot[n] * Hkv + kvh) * D;
+        rope_head(row + h * D, c, s, k_cache + at, D, R);
+        std::memcpy(v_cache + at, row + (heads + kvh) * D, D * sizeof(T));
+      }
+    }
+  });
+}
+
+torch::Tensor rope_store_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor slot_mapping, int64_t H, int64_t Hkv) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be (N, (H + 2 Hkv) D) with unit last stride");
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(cos.scalar_type() == dtype && sin.scalar_type() == dtype &&
+                  k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "cos, sin and the caches must be in qkv's dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "slot mapping must be int64");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t N = qkv.size(0), D = qkv.size(1) / (H + 2 * Hkv);
+  const int64_t R = 2 * (cos.numel() / std::max<int64_t>(N, 1));
+  TORCH_CHECK(D * (H + 2 * Hkv) == qkv.size(1) && slot_mapping.numel() == N,
+              "qkv does not hold H + 2 Hkv heads for each slot");
+  TORCH_CHECK(cos.numel() == sin.numel() && cos.numel() == N * (R / 2) && R <= D,
+              "cos and sin must hold (N, rotary_dim / 2) angles");
+  const int64_t slots = k_cache.numel() / std::max<int64_t>(Hkv * D, 1);
+  TORCH_CHECK(k_cache.size(-1) == D && k_cache.size(-2) == Hkv && v_cache.sizes() == k_cache.sizes(),
+              "caches must be (..., Hkv, D)");
+  const auto* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(0 <= slot[n] && slot[n] < slots, "cache slot out of range");
+  auto q = torch::empty({N, H, D}, qkv.options());
+  if (dtype == torch::kBFloat16) {
+    using T = c10::BFloat16;
+    rope_store_rows<T>(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), q.data_ptr<T>(),
+                       k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), slot, N, H, Hkv, D, R,
+                       qkv.stride(0));
+  } else {
+    TORCH_CHECK(dtype == torch::kFloat, "only float32 and bfloat16 are supported");
+    rope_store_rows<float>(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                           q.data_ptr<float>(), k_cache.data_ptr<float>(),
+                           v_cache.data_ptr<float>(), slot, N, H, Hkv, D, R, qkv.stride(0));
+  }
+  return q;
 }
 
 // silu(gate) * up for x = [gate | up] along the last dim, in float32, rounded once.
@@ -443,8 +533,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "attention of one query per sequence over the paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 inside");
+  m.def("add_rms_norm", &add_rms_norm,
+        "residual += x in place, then RMSNorm(residual) over the last dim, float32 inside");
   m.def("store_kv", &store_kv, "write new keys and values into their paged cache slots");
   m.def("rope", &rope, "rotate-half rotary embedding of (N, H, D), float32 inside");
+  m.def("rope_store_kv", &rope_store_kv,
+        "rotate q and k of the fused qkv, store k and v in their cache slots, return q");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up], float32 inside");
   m.def("argmax_rows", &argmax_rows, "first index of each float32 row's maximum");
 }
