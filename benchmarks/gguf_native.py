@@ -21,6 +21,13 @@ repacked bytes; and (`--crossover`) GEMV against dequantize + torch matmul by ro
 
 Batched (`--batched`): aggregate decode tokens per CPU-second at batch 1, 4, 8 and 32, native
 and then the same model dequantized to bf16 and packed, in one process.
+
+Perplexity (`--perplexity WIKI`, gensim's Wikipedia sample, see benchmarks/perplexity.py): each
+token scored by a decode step of its own (one row of x: the GEMV, which on AVX2-only CPUs rounds
+x to int16 per group of 32), native against the same weights dequantized to
+float32 (exact: torch's matmul on d q + m), on the same token ids.
+
+    python benchmarks/gguf_native.py --perplexity /tmp/gensim/.../enwiki-...-shortened.bz2
 """
 
 from __future__ import annotations
@@ -289,6 +296,59 @@ def batched(args: argparse.Namespace) -> None:
             print(f"| {key} | {b} | {native[b]:.1f} | {dense[b]:.1f} | {ratio:.2f}x |", flush=True)
 
 
+def teacher_forced_perplexity(model, cfg, ids, block: int = 16) -> float:
+    """exp(mean NLL) of ids[1:], each token's logits from a decode step of one row."""
+    import math
+
+    import torch
+
+    from thrifty.config import EngineConfig
+    from thrifty.engine.model_runner import ModelRunner
+    from thrifty.models.attention import build_metadata, forward_context
+
+    blocks = len(ids) // block + 2
+    table = list(range(1, blocks))
+    config = EngineConfig(dtype=torch.float32, block_size=block, num_kv_blocks=blocks + 1)
+    ModelRunner(model, cfg, config)
+    nll = 0.0
+    with torch.inference_mode():
+        for pos in range(len(ids) - 1):
+            with forward_context(build_metadata([1], [pos + 1], [table], block)):
+                logits = model.compute_logits(model(ids[pos : pos + 1], torch.tensor([pos])))
+            nll += torch.nn.functional.cross_entropy(logits, ids[pos + 1 : pos + 2]).item()
+    return math.exp(nll / (len(ids) - 1))
+
+
+def decode_perplexity(args) -> None:
+    import torch
+    from perplexity import wiki_text
+
+    from thrifty import hub
+    from thrifty.config import ModelConfig
+    from thrifty.kernels import ggml as ggml_kernels
+    from thrifty.loader.gguf_weights import dequantize_model
+    from thrifty.loader.weights import load_model
+    from thrifty.tokenizer import Tokenizer
+
+    torch.set_num_threads(THREADS)
+    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split(":")[1].split("\n")[0]
+    print(f"{cpu.strip()}, threads {THREADS}, GEMV rounds x to int16: {ggml_kernels.quantizes_x()}")
+    print("| model | tokens | native ppl | float32 ppl | native / float32 |")
+    print("|---|---|---|---|---|")
+    text = wiki_text(args.perplexity, 40 * args.tokens)
+    for key in args.models.split(","):
+        path = hub.resolve(MODELS[key], progress=False)
+        tokens = Tokenizer.from_dir(path, ()).encode(text, add_special_tokens=False)
+        ids = torch.tensor(tokens[: args.tokens])
+        cfg = ModelConfig.from_dir(path)
+        model = load_model(path, cfg, dtype=torch.float32)
+        native = teacher_forced_perplexity(model, cfg, ids)
+        dequantize_model(model, torch.float32)
+        exact = teacher_forced_perplexity(model, cfg, ids)
+        ratio = native / exact
+        print(f"| {key} | {len(ids)} | {native:.3f} | {exact:.3f} | {ratio:.4f} |", flush=True)
+
+
 def main() -> None:
     global THREADS
     ap = argparse.ArgumentParser()
@@ -300,6 +360,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="GB/s of the GEMV per weight shape")
     ap.add_argument("--crossover", action="store_true", help="GEMV against GEMM by rows")
     ap.add_argument("--batched", action="store_true", help="tok/s per CPU-second by batch size")
+    ap.add_argument("--perplexity", type=Path, help="gensim's enwiki *-shortened.bz2")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -309,6 +370,8 @@ def main() -> None:
     if args.child:
         key, variant = args.child.split(":")
         print(json.dumps(run_thrifty(MODELS[key], variant, args.tokens)))
+    elif args.perplexity:
+        decode_perplexity(args)
     elif args.batched:
         batched(args)
     elif args.kernels or args.crossover:

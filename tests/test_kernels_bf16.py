@@ -11,10 +11,12 @@ from thrifty import kernels
 @pytest.fixture(scope="module", autouse=True)
 def compiled_kernel():
     # Every test here must exercise the compiled kernel, not bf16_linear's F.linear fallback:
-    # where available() is False, rebuild to fail with the compiler's (or the CPU check's) words.
+    # where available() is False on a CPU that can run it, rebuild to fail with the compiler's
+    # words. A CPU without AVX-512 BF16 never runs it (tests/test_kernel_selection.py checks
+    # that models take torch's matmul there).
     if not kernels.available():
         if not kernels._cpu_has_avx512_bf16():
-            pytest.fail("this CPU lacks avx512_bf16, so thrifty.kernels cannot run here")
+            pytest.skip("this CPU lacks avx512_bf16: the bf16 kernels are not built for it")
         kernels._build()
         pytest.fail("thrifty.kernels built but did not load")
 

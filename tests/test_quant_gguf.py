@@ -96,7 +96,7 @@ def test_kernels_equal_the_reference(compiled, qtype, dtype, rows):
     bias = torch.randn(n, generator=g).to(dtype)
     w32 = ggml.dequantize(weight, scale)
     for b in (None, bias):
-        want = ggml.reference_linear(x, weight, scale, b)
+        want = kernels.reference_gemv(x, weight, scale, b)  # x rounded to int16 where it is
         got = kernels.gemv(x, weight, scale, b)
         assert got.dtype == dtype and got.shape == (rows, n)
         # The GEMV sums in float32 in another order: float32 noise, then one rounding of x's.
@@ -272,7 +272,10 @@ def test_tiny_gguf_logits_match_transformers(tiny, compiled):
         meta = build_metadata([1], [pos + 1], [table], 4)
         with torch.inference_mode(), forward_context(meta):
             logits = model.compute_logits(model(seq[pos : pos + 1], torch.tensor([pos])))
-        torch.testing.assert_close(logits[0], want[pos], atol=1e-4, rtol=0)
+        # The AVX2 GEMV rounds x to int16 per group of 32 (a step of 2^-16 of the group's
+        # largest; held exactly to that by test_kernels_equal_the_reference): 7e-4 at most here.
+        atol = 2e-3 if kernels.quantizes_x() else 1e-4
+        torch.testing.assert_close(logits[0], want[pos], atol=atol, rtol=0)
 
 
 def test_the_cache_keeps_no_weights(tiny):

@@ -87,7 +87,7 @@ AMX = Kernel(
     "thrifty_amx_gemm",
     CSRC / "amx_gemm.cpp",
     ("-O3", "-mamx-tile", "-mamx-bf16", *_CFLAGS[1:]),
-    "the AVX-512 BF16 kernel at every batch size",
+    "the bf16 GEMV (or torch's matmul without it) at every batch size",
     lambda: _cpu_has_avx512_bf16() and _cpu_has_amx(),
 )
 CPU_OPS = Kernel(
@@ -99,7 +99,7 @@ SAMPLING = Kernel("thrifty_sampling", CSRC / "sampling.cpp", _ATTENTION_CFLAGS, 
 def _all_kernels() -> tuple[Kernel, ...]:
     from thrifty.kernels import fp8, ggml  # they import this module
 
-    return (BF16, AMX, CPU_OPS, SAMPLING, fp8.KERNEL, ggml.KERNEL)
+    return (BF16, AMX, CPU_OPS, SAMPLING, fp8.KERNEL, ggml.kernel())
 
 
 def prepare(announce: Callable[[str], None]) -> str:

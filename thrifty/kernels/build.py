@@ -31,6 +31,18 @@ _STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a
 _LOADED: dict[str, ModuleType | None] = {}  # by extension name: each is tried once a process
 
 
+@functools.cache
+def cpu_has(flags: tuple[str, ...]) -> bool:
+    """Whether this CPU reports every one of `flags` (names as in /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return all(f in have for f in flags)
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One C++ extension: its source, compiler flags, and the torch code that runs without it."""
@@ -57,11 +69,9 @@ class Kernel:
         return _LOADED[self.name]
 
     def _load(self, announce: Callable[[str], None] | None) -> ModuleType | None:
-        if not self.supported():
-            logger.warning(
-                "thrifty: warning: this CPU cannot run the %s kernels; using %s", self.name,
-                self.fallback,
-            )  # fmt: skip
+        if not self.supported():  # a choice made from the CPU's features, not a fault
+            logger.info("thrifty: this CPU cannot run the %s kernels; using %s", self.name,
+                        self.fallback)  # fmt: skip
             return None
         try:
             if announce is not None and not self.built():

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from thrifty.kernels.build import CSRC, Kernel
+from thrifty.kernels.build import CSRC, Kernel, cpu_has
 from thrifty.quant import fp8
 
 # Up to this many rows the GEMV beats the panel path (benchmarks/fp8_kernels.py).
@@ -74,22 +73,12 @@ def _extension() -> ModuleType | None:
     return KERNEL.load()
 
 
-def _cpu_has(flags: tuple[str, ...]) -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.partition(":")[2].split())
-    return all(f in have for f in flags)
-
-
 KERNEL = Kernel(
     "thrifty_fp8_gemm",
     CSRC / "fp8_gemm.cpp",
     _CFLAGS,
     "the torch reference (dequantizes the whole weight on every call)",
-    lambda: _cpu_has(_CPU_FLAGS),
+    lambda: cpu_has(_CPU_FLAGS),
 )
 PACKED = Kernel(
     "thrifty_fp8_packed",
@@ -105,7 +94,7 @@ PACKED = Kernel(
         "-fopenmp",
     ),  # fmt: skip
     "FP8 weights in the checkpoint's layout",
-    lambda: _cpu_has(("avx512_bf16",)),
+    lambda: cpu_has(("avx512_bf16",)),
 )
 
 # Packed layout: W (N, K) -> (N / 16, K / 4, 64) bytes, panel p chunk c holding columns

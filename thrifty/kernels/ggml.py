@@ -3,20 +3,21 @@
 Up to MAX_ROWS rows of x a GEMV that reads the quantized bytes once and decodes them in
 registers; beyond, a panel of rows of the weight at a time dequantized into x's dtype for
 torch's matmul (oneDNN, with AMX on this Xeon). Both are held to
-`thrifty.quant.ggml.reference_linear` by tests/test_quant_gguf.py. Needs AVX-512 (F, BW, VL and
-BF16 for rounding the output); elsewhere, or if the build fails, the reference runs (it
-dequantizes the whole weight on every call).
+`thrifty.quant.ggml.reference_linear` by tests/test_quant_gguf.py. Built for AVX-512 (F, BW, VL,
+BF16) or, on CPUs without it, for AVX2 + FMA; elsewhere, or if the build fails, the reference
+runs (it dequantizes the whole weight on every call).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
-from thrifty.kernels.build import CSRC, Kernel
-from thrifty.kernels.fp8 import _cpu_has
+from thrifty.kernels.build import CSRC, Kernel, cpu_has
 from thrifty.quant import ggml
 
 # Up to this many rows the GEMV beats dequantize + torch's matmul on every weight shape of SmolLM2
@@ -24,19 +25,37 @@ from thrifty.quant import ggml
 MAX_ROWS = 8
 
 _FORMATS = {"q4": 0, "q5": 1, "q8": 2}
-_CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_AVX2 = ("avx2", "fma")
+_FALLBACK = "the torch reference (dequantizes the whole weight on every call)"
 
-KERNEL = Kernel(
+# One source, two builds: AVX-512 (with BF16 dot products for bf16 activations) where the CPU
+# has it, else AVX2 + FMA (16 lanes in two registers, csrc/vec16.h): chosen once, at start-up.
+AVX512_KERNEL = Kernel(
     "thrifty_ggml_gemv",
     CSRC / "ggml_gemv.cpp",
-    _CFLAGS,
-    "the torch reference (dequantizes the whole weight on every call)",
-    lambda: _cpu_has(("avx512f", "avx512bw", "avx512vl", "avx512_bf16")),
+    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"),
+    _FALLBACK,
+    lambda: cpu_has(_AVX512),
+)
+AVX2_KERNEL = Kernel(
+    "thrifty_ggml_gemv_avx2",
+    CSRC / "ggml_gemv.cpp",
+    ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+    _FALLBACK,
+    lambda: cpu_has(_AVX2),
 )
 
 
+@functools.cache
+def kernel() -> Kernel:
+    """The build this CPU runs: AVX-512 where it has it, else AVX2 (whose `load` warns and
+    returns None on a CPU with neither)."""
+    return AVX512_KERNEL if AVX512_KERNEL.supported() else AVX2_KERNEL
+
+
 def _extension() -> ModuleType | None:
-    return KERNEL.load()
+    return kernel().load()
 
 
 def available() -> bool:
@@ -87,6 +106,41 @@ def gemv(
     """The GEMV path at any M (for tests and the crossover benchmark)."""
     fmt, group = ggml.format_of(weight, scale)
     return _extension().ggml_gemv(x, weight, scale, bias, _FORMATS[fmt], group)
+
+
+def quantizes_x() -> bool:
+    """Whether this CPU's GEMV rounds x to int16 per group of 32 before its integer dot products
+    (the AVX2 build); the AVX-512 build multiplies x as it is."""
+    ext = _extension()
+    return bool(ext is not None and ext.quantizes_x)
+
+
+def reference_quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qx, dx): x (..., K) in groups of 32 as integers qx in [-32767, 32767] (held in float32)
+    times dx = max|x| / 32767 per group (..., K / 32, 1), qx = x * (1 / dx) rounded half to
+    even."""
+    xg = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = xg.abs().amax(-1, keepdim=True) / 32767
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return torch.round(xg * inv).clamp(-32767, 32767), d
+
+
+def reference_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What `gemv` computes on this CPU, in torch: the dequantized float32 matmul, or where the
+    GEMV quantizes x (groups of 32), sum_g d_g dx_g (q . qx) + m_g sum(x over g)."""
+    fmt, group = ggml.format_of(weight, scale)
+    if not (quantizes_x() and group == 32):
+        return ggml.reference_linear(x, weight, scale, bias)
+    qx, dx = reference_quantize_x(x)
+    y = F.linear((qx * dx).flatten(-2), ggml.dequantize(weight, scale))
+    if fmt != "q8":  # the offsets m meet x's own sums, not the rounded x's
+        shift = x.float().reshape(qx.shape).sum(-1) - (qx * dx).sum(-1)
+        y = y + F.linear(shift, scale[:, 1])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def embedding(

@@ -1,0 +1,84 @@
+"""Each CPU kernel is chosen from this CPU's features, and models run correctly on what was chosen.
+
+On a CPU with AVX-512 BF16 the bf16, FP8 and GGUF kernels are the AVX-512 builds; on an AVX2-only
+CPU (an AMD EPYC before Zen 4, most laptops) the GGUF GEMV is its AVX2 build and bf16 / FP8
+weights go to torch. These hold on either machine, so the suite checks the dispatch wherever it
+runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from thrifty import kernels
+from thrifty.kernels import fp8 as fp8_kernels
+from thrifty.kernels import ggml as ggml_kernels
+from thrifty.kernels.build import cpu_has
+from thrifty.models.layers import Linear, pack_linears
+from thrifty.quant import ggml
+
+AVX512_BF16 = cpu_has(("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+AVX2 = cpu_has(("avx2", "fma"))
+
+
+def test_the_bf16_and_fp8_kernels_exist_exactly_where_the_cpu_runs_them():
+    assert kernels.available() == AVX512_BF16
+    assert fp8_kernels.packed_available() == cpu_has(("avx512_bf16",))
+
+
+def test_the_gguf_gemv_is_built_for_the_widest_vectors_here():
+    want = "thrifty_ggml_gemv" if AVX512_BF16 else "thrifty_ggml_gemv_avx2"
+    assert ggml_kernels.kernel().name == want
+    assert ggml_kernels.available() == (AVX512_BF16 or AVX2)
+    # AVX2 has no bf16 dot products: it rounds x to int16 and multiplies integers (vpmaddwd).
+    assert ggml_kernels.quantizes_x() == (not AVX512_BF16 and AVX2)
+
+
+def test_the_start_up_line_names_what_each_kernel_runs_on():
+    line = kernels.prepare(lambda _: None)
+    assert ggml_kernels.kernel().name + " compiled" in line
+    if not AVX512_BF16:
+        assert "thrifty_bf16_gemv -> torch's matmul" in line
+
+
+def test_a_bf16_linear_packs_where_it_can_and_matches_torch_either_way():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(Linear(256, 96))
+    model[0].weight = torch.nn.Parameter(torch.randn(96, 256, generator=g).bfloat16(), False)
+    x = torch.randn(3, 256, generator=g).bfloat16()
+    want = kernels.reference_linear(x, model[0].weight)
+    assert pack_linears(model) == (1 if AVX512_BF16 else 0)
+    assert model[0].weight.dim() == (3 if AVX512_BF16 else 2)
+    torch.testing.assert_close(model(x).float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_a_gguf_linear_runs_compiled_on_this_cpu(rows):
+    g = torch.Generator().manual_seed(rows)
+    n, k = 40, 256
+    weight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, 2, k // 32, generator=g) * 0.1
+    layer = Linear(k, n)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    layer.weight_scale_inv = scale
+    x = torch.randn(rows, k, generator=g)
+    # Up to 8 rows the GEMV (x rounded to int16 on AVX2), beyond the dequantizing GEMM.
+    want = (
+        ggml_kernels.reference_gemv(x, weight, scale)
+        if rows <= ggml_kernels.MAX_ROWS
+        else F.linear(x, ggml.dequantize(weight, scale))
+    )
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_dtype_is_float32_only_for_gguf_models_on_cpus_without_bf16(tmp_path):
+    from thrifty import hub
+    from thrifty.config import resolve_dtype
+
+    gguf = hub.resolve("smollm2-135m-instruct", progress=False)
+    assert resolve_dtype("auto", gguf, "cpu") == (torch.bfloat16 if AVX512_BF16 else torch.float32)
+    assert resolve_dtype("auto", gguf, "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", tmp_path, "cpu") == torch.bfloat16  # a dense checkpoint
+    assert resolve_dtype("bf16", gguf, "cpu") == torch.bfloat16  # what the user names, always

@@ -1,0 +1,136 @@
+// Sixteen float32 lanes on whichever vector unit the extension is compiled for: one AVX-512
+// register, or two AVX2 ones (FMA needed). A kernel written once against `f16v` runs on both;
+// the build picks the instruction set from the CPU's features (thrifty/kernels/build.py).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace thrifty_vec {
+
+using mask16 = uint16_t;  // lane i is bit i
+constexpr mask16 kAll = 0xFFFF;
+
+inline mask16 first_lanes(int64_t n) { return n >= 16 ? kAll : static_cast<mask16>((1u << n) - 1); }
+
+#if defined(__AVX512F__)
+
+using f16v = __m512;
+inline f16v zero() { return _mm512_setzero_ps(); }
+inline f16v set1(float v) { return _mm512_set1_ps(v); }
+inline f16v add(f16v a, f16v b) { return _mm512_add_ps(a, b); }
+inline f16v mul(f16v a, f16v b) { return _mm512_mul_ps(a, b); }
+inline f16v fmadd(f16v a, f16v b, f16v c) { return _mm512_fmadd_ps(a, b, c); }
+inline f16v load(const float* p) { return _mm512_loadu_ps(p); }
+inline f16v load(const float* p, mask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline void store(float* p, f16v v, mask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+// 16 signed bytes, 16 unsigned bytes as integers.
+inline f16v from_i8(const void* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+}
+// The low (high = false) or high nibbles of 16 bytes, plus 16 in the lanes of `five`.
+inline f16v from_nibbles(const void* p, bool high, mask16 five) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  __m512i q = high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+  q = _mm512_mask_or_epi32(q, five, q, _mm512_set1_epi32(0x10));
+  return _mm512_cvtepi32_ps(q);
+}
+
+#else  // AVX2 + FMA: lanes 0-7 in lo, 8-15 in hi
+
+struct f16v {
+  __m256 lo, hi;
+};
+inline f16v zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline f16v set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+inline f16v add(f16v a, f16v b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline f16v mul(f16v a, f16v b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline f16v fmadd(f16v a, f16v b, f16v c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline f16v load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline f16v load(const float* p, mask16 k) {
+  if (k == kAll) return load(p);
+  alignas(32) float t[16] = {};
+  for (int i = 0; i < 16; ++i)
+    if (k >> i & 1) t[i] = p[i];
+  return load(t);
+}
+inline void store(float* p, f16v v, mask16 k) {
+  if (k == kAll) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
+    return;
+  }
+  alignas(32) float t[16];
+  _mm256_store_ps(t, v.lo);
+  _mm256_store_ps(t + 8, v.hi);
+  for (int i = 0; i < 16; ++i)
+    if (k >> i & 1) p[i] = t[i];
+}
+inline f16v from_i8(const void* p) {
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)))};
+}
+// Lane i of the result is all ones where bit i of k (of 8 bits) is set.
+inline __m256i bits8(uint32_t k) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), bit), bit);
+}
+inline f16v from_nibbles(const void* p, bool high, mask16 five) {
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const __m128i n = high ? _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F))
+                         : _mm_and_si128(b, _mm_set1_epi8(0x0F));
+  __m256i lo = _mm256_cvtepu8_epi32(n), hi = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(n, n));
+  if (five != 0) {
+    const __m256i sixteen = _mm256_set1_epi32(0x10);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(bits8(five & 0xFF), sixteen));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(bits8(five >> 8), sixteen));
+  }
+  return {_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)};
+}
+
+#endif
+
+// Lane i of the result is the sum of the 16 lanes of v[i].
+inline f16v reduce16(const f16v* v) {
+#if defined(__AVX512F__)
+  __m512 u[8];  // per 128-bit lane: pairs of partial sums of v[2i], v[2i+1]
+  for (int i = 0; i < 8; ++i) {
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  __m512 w[4];  // per 128-bit lane: one partial sum of each of v[4i..4i+3]
+  for (int i = 0; i < 4; ++i) {
+    __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 z[2];  // add 128-bit lanes pairwise (0+1, 2+3), twice
+  for (int i = 0; i < 2; ++i) {
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                       _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+#else
+  __m256 h[16];  // each v[i] folded to 8 lanes
+  for (int i = 0; i < 16; ++i) h[i] = _mm256_add_ps(v[i].lo, v[i].hi);
+  __m256 out[2];
+  for (int half = 0; half < 2; ++half) {  // rows 8 half .. 8 half + 7
+    const __m256* r = h + 8 * half;
+    __m256 a[4];  // hadd: per 128-bit lane, pair sums of (r0, r1), (r2, r3), ...
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_hadd_ps(r[2 * i], r[2 * i + 1]);
+    const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
+    // b0: lane 128-bit half 0 holds rows 0-3's low-lane sums, half 1 their high-lane sums.
+    out[half] = _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20),
+                              _mm256_permute2f128_ps(b0, b1, 0x31));
+  }
+  return {out[0], out[1]};
+#endif
+}
+
+}  // namespace thrifty_vec
