@@ -35,7 +35,12 @@ _positive = _int_in(1, None, "positive")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="activations (and dense weights): bfloat16, float32, float16, or auto (default):"
+        " bfloat16, but float32 for a GGUF model on a CPU without AVX-512 BF16",
+    )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
@@ -354,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from thrifty import hub, kernels
-    from thrifty.config import EngineConfig, parse_dtype
+    from thrifty.config import EngineConfig, resolve_dtype
     from thrifty.engine import ranks
     from thrifty.engine.llm_engine import LLMEngine
     from thrifty.server.app import check_address, serve
@@ -366,8 +371,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def given(*names: str) -> dict[str, Any]:
         return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
+    path = hub.resolve(args.model)
     config = EngineConfig(
-        dtype=parse_dtype(args.dtype),
+        dtype=resolve_dtype(args.dtype, path, args.device),
         device=args.device,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
@@ -392,7 +398,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=not args.no_access_log,
         **given("max_n", "max_queued_requests", "max_body_bytes", "allowed_origins"),
     )
-    path = hub.resolve(args.model)
     if ranks.is_follower():  # under torchrun: rank 0 serves, this rank runs its steps
         ranks.follow(path, config, args.allow_pickle)
         return

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thrifty import hub
-from thrifty.config import EngineConfig, parse_dtype
+from thrifty.config import EngineConfig, resolve_dtype
 from thrifty.engine.llm_engine import LLMEngine, Request
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.sequence import TokenLogprob
@@ -58,14 +58,16 @@ class LLM:
         self,
         model: str | None = None,
         *,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str = "cpu",
         allow_pickle: bool = False,
         progress: bool = True,
         **engine_kwargs: Any,
     ):
         path = hub.resolve(model, progress=progress)
-        config = EngineConfig(dtype=parse_dtype(dtype), device=device, **engine_kwargs)
+        config = EngineConfig(
+            dtype=resolve_dtype(dtype, path, device), device=device, **engine_kwargs
+        )
         self.engine = LLMEngine(path, config, allow_pickle=allow_pickle)
         self.tokenizer = self.engine.tokenizer
 
