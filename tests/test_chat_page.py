@@ -19,9 +19,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_server import CHROMEDRIVER, CHROMIUM, launch
+from test_server import CHROMEDRIVER, CHROMIUM, MODEL, launch
 
 from thrifty import hub
+from thrifty.config import resolve_dtype
 from thrifty.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -141,7 +142,8 @@ def test_ps_says_what_the_server_has_loaded_and_each_request_is_logged(server):
     assert ps.returncode == 0, ps.stderr
     header, row = ps.stdout.splitlines()
     assert header.split()[:2] == ["MODEL", "SIZE"]
-    assert row.split()[0] == SERVED and "cpu bfloat16" in row and " 1024 " in row
+    dtype = str(resolve_dtype("auto", hub.resolve(MODEL, progress=False), "cpu")).split(".")[1]
+    assert row.split()[0] == SERVED and f"cpu {dtype}" in row and " 1024 " in row
     deadline = time.monotonic() + 10
     while '"GET /thrifty/status" 200' not in server_log(server):
         assert time.monotonic() < deadline, server_log(server)[-2000:]

@@ -152,6 +152,7 @@ CASES = [
     "show an unknown model",
 ]
 # A chat through a pipe: commands, a setting, and a message across lines between two """.
+STORY = "Tell me a short story about a robot."
 CHAT_INPUT = (
     "hello\n/help\n/reset\n/set temperature 0\n/set top_k x\n/system Answer briefly.\n"
     '"""\nWhat is\n2+2?\n"""\n/model\n/nonsense\n/bye\nnever sent\n'
@@ -167,7 +168,9 @@ def results(bad_inputs) -> dict[str, Result]:
         "chat": (["chat", "--max-tokens", "24"], {}, CHAT_INPUT),
         "run stdin": (["run", MODEL, "-", *greedy], {}, "What is the capital of France?\n"),
         "run without a prompt": (["run", MODEL, *greedy], {}, "What is 2+2?\n"),
-        "story": (["run", "Tell me a short story about a robot.", "--seed", "0"], {}, None),
+        "story": (["run", STORY, "--seed", "0", "--max-tokens", "64"], {}, None),
+        "story again": (["run", STORY, "--seed", "0", "--max-tokens", "64"], {}, None),
+        "story seed 1": (["run", STORY, "--seed", "1", "--max-tokens", "64"], {}, None),
         "models": (["models"], {}, None),
         "show": (["show"], {}, None),
     }
@@ -239,14 +242,17 @@ def test_run_without_a_prompt_opens_a_chat(results):
     assert len(answers) == 1 and "4" in answers[0], proc.stdout
 
 
-def test_run_samples_with_the_defaults_and_does_not_loop(results):
-    """Greedy SmolLM2 repeats one sentence of this story until max_tokens (issue 21); with the
-    defaults it ends on its own. The seed fixes the sample."""
-    proc = results["story"]
-    assert proc.returncode == 0, proc.stderr
-    sentences = [s.strip() for s in proc.stdout.replace("\n", " ").split(".") if s.strip()]
-    assert len(sentences) >= 3
-    assert max(sentences.count(s) for s in sentences) == 1, proc.stdout
+def test_run_samples_with_the_defaults(results):
+    """Greedy SmolLM2 repeats one sentence of this story until max_tokens (issue 21), so `run`
+    samples by default (the model's generation defaults, else temperature 0.7, top_p 0.9; `show`
+    names them): a seed gives the same story twice, another seed another story. How often
+    sampled stories still repeat a sentence is measured, not asserted on one sample:
+    benchmarks/sampling_defaults.py (0 of 6 stories of 300 tokens on the AVX2 EPYC)."""
+    story, again, other = results["story"], results["story again"], results["story seed 1"]
+    for proc in (story, again, other):
+        assert proc.returncode == 0, proc.stderr
+    assert story.stdout.strip() and story.stdout == again.stdout
+    assert other.stdout != story.stdout
 
 
 def test_show_describes_the_default_model(results):

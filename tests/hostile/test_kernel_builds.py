@@ -122,11 +122,14 @@ def test_prepare_says_what_each_kernel_runs_on(tmp_path, monkeypatch, caplog):
                          supported=lambda: False)  # fmt: skip
     monkeypatch.setattr(kernels, "_all_kernels", lambda: (ok, broken, unsupported))
     build._LOADED["thrifty_ok"] = torch  # as if built: any module
-    with caplog.at_level(logging.WARNING, logger="thrifty.kernels"):
+    with caplog.at_level(logging.INFO, logger="thrifty.kernels"):
         line = kernels.prepare(lambda _: None)
     assert line == (
         "thrifty: CPU kernels: thrifty_ok compiled, thrifty_broken -> the torch path,"
         " thrifty_avx9 -> torch's matmul"
     )
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "thrifty_broken" in warned and "thrifty_avx9" in warned  # each fallback, a warning
+    levels = {name: r.levelno for r in caplog.records for name in ("thrifty_broken", "thrifty_avx9")
+              if name in r.getMessage()}  # fmt: skip
+    # A failed build is a fault, warned; a kernel this CPU cannot run is a choice (an AVX2-only
+    # CPU skips the AVX-512 ones on every start), logged as information and named in the line.
+    assert levels == {"thrifty_broken": logging.WARNING, "thrifty_avx9": logging.INFO}
