@@ -87,7 +87,11 @@ def run_thrifty(model_name: str, variant: str, tokens: int) -> dict:
 
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    llm = LLM(model_name, num_threads=THREADS, progress=False, kv_cache_memory_bytes=64 << 20)
+    # native: what `thrifty run` does (--dtype auto: float32 activations on a CPU without
+    # AVX-512 BF16); bf16: the old path, bf16 throughout.
+    dtype = "bfloat16" if variant == "bf16" else "auto"
+    llm = LLM(model_name, num_threads=THREADS, progress=False, kv_cache_memory_bytes=64 << 20,
+              dtype=dtype)  # fmt: skip
     load_s = time.perf_counter() - start
     model = llm.engine.runner.model
     if variant == "bf16":
