@@ -432,14 +432,17 @@ void permute_x(const Layout& L, const uint16_t* x, int64_t M, int64_t Kp, uint16
 // m sum_i x_i, the last with x's own float sums. Fewer instructions per weight than the float
 // path (1.3-1.6x the GEMV's speed here), which this CPU's decode is bound by. (llama.cpp rounds
 // x to int8 instead, for byte products: that flips SmolLM2's greedy answers here.)
-inline __m256i fifth_bits(const uint8_t* p) {  // byte j: 0x10 where bit j of the uint32 is set
+// Word j of each result: 0x10 where bit j (lo) or bit 16 + j (hi) of the uint32 at p is set.
+inline void fifth_bits(const uint8_t* p, __m256i& lo, __m256i& hi) {
   uint32_t bits;
   std::memcpy(&bits, p, sizeof(bits));
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
-                                          2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), spread);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(0x10));
+  const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
+                                        8192, 16384, static_cast<int16_t>(0x8000));
+  const __m256i sixteen = _mm256_set1_epi16(0x10);
+  const __m256i l = _mm256_set1_epi16(static_cast<int16_t>(bits & 0xFFFF));
+  const __m256i h = _mm256_set1_epi16(static_cast<int16_t>(bits >> 16));
+  lo = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(l, bit), bit), sixteen);
+  hi = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, bit), bit), sixteen);
 }
 
 // Group g of one row (32 weights) dotted with 32 int16 values of x: 8 int32 lanes.
@@ -450,18 +453,17 @@ inline __m256i group_dot_i16(const uint8_t* row, int64_t g, const int16_t* xq) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * 32));
     lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
     hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
-  } else {
+  } else {  // each byte widened once: its low nibble is q_j, its high one q_16+j
     const uint8_t* p = row + g * (F == kQ4 ? 16 : 20);
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    __m128i l = _mm_and_si128(b, m), h = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
+    hi = _mm256_srli_epi16(w, 4);
     if constexpr (F == kQ5) {
-      const __m256i five = fifth_bits(p + 16);
-      l = _mm_or_si128(l, _mm256_castsi256_si128(five));
-      h = _mm_or_si128(h, _mm256_extracti128_si256(five, 1));
+      __m256i five_lo, five_hi;
+      fifth_bits(p + 16, five_lo, five_hi);
+      lo = _mm256_or_si256(lo, five_lo);
+      hi = _mm256_or_si256(hi, five_hi);
     }
-    lo = _mm256_cvtepu8_epi16(l);
-    hi = _mm256_cvtepu8_epi16(h);
   }
   const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
   const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
