@@ -423,3 +423,17 @@ def test_a_rank_that_dies_stops_the_server(smollm2_gguf):
         assert server.wait(timeout=30) == 1
         log = b"".join(server.log).decode(errors="replace")
         assert "error: tensor-parallel rank 1 exited" in log
+
+
+def test_run_with_two_ranks_answers_as_one(smollm2_gguf):
+    """`thrifty run --tensor-parallel-size 2` spawns its second rank, answers, and leaves none
+    behind: SmolLM2's greedy answer on 2 ranks (3 KV heads: 2 and 1) is one process's."""
+    greedy = ["What is the capital of France?", "--temperature", "0", "--max-tokens", "24"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "thrifty", "run", MODEL, *greedy, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    one, two = run(), run("--tensor-parallel-size", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert "Paris" in one.stdout and two.stdout == one.stdout

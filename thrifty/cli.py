@@ -68,6 +68,15 @@ SAMPLING_HELP = (
 )
 
 
+def _add_parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_positive,
+        help="ranks that split the model (tensor parallel; MoE experts: expert parallel); more"
+        " than 1 spawns the others on this machine, or joins torchrun's (default 1)",
+    )
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     model = "default: the model's generation_config.json, else"
     p.add_argument("--max-tokens", type=int, default=512, help="(default 512)")
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
     _add_model_flags(p)
     _add_sampling_flags(p)
+    _add_parallel_flag(p)
     tts_cli.add_run_flags(p)
 
     p = sub.add_parser(
@@ -114,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
     _add_model_flags(p)
     _add_sampling_flags(p)
+    _add_parallel_flag(p)
 
     sub.add_parser("models", help="list the models in the cache, by name, with disk size")
     p = sub.add_parser("show", help="a model's architecture, size, quantization and template")
@@ -176,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tokens drafted per step by the model's MTP layers (DeepSeek-V3; default 0: off)",
     )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=_positive,
-        help="ranks that split the model (tensor parallel; MoE experts: expert parallel); more"
-        " than 1 spawns the others on this machine, or joins torchrun's (default 1)",
-    )
+    _add_parallel_flag(p)
     p.add_argument("--max-n", type=int, help="samples per request (default 16)")
     p.add_argument(
         "--max-queued-requests",
@@ -209,6 +215,8 @@ def _llm(args: argparse.Namespace, model: str | None, **kwargs: Any):
         kwargs["quantization"] = args.quantization
     if getattr(args, "num_threads", None):
         kwargs.setdefault("num_threads", args.num_threads)
+    if getattr(args, "tensor_parallel_size", None):
+        kwargs.setdefault("tensor_parallel_size", args.tensor_parallel_size)
     template = _chat_template(args)  # a missing file is refused before the model loads
     llm = LLM(model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, **kwargs)
     if template is not None:
