@@ -13,8 +13,11 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "simd.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -194,9 +197,132 @@ void attend_simd(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
   });
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+
+// The same attention on AVX2 (CPUs without AVX-512): 8 lanes per chunk, C chunks per head
+// (D = 8 C exactly), scores 8 tokens per pass folded by one transpose-add, the same exp.
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // bf16: the upper half of a float32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Lane i: the sum of the 8 lanes of v[i].
+inline __m256 reduce8(const __m256* v) {
+  const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+// e^x as simd.h's exp512: x = n ln2 + r, e^r by its degree-6 Taylor polynomial, times 2^n built
+// in the exponent bits (n >= -126 after the clamp at -87).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// One (sequence, kv head) task; k[t], v[t]: the rows of token t, len + 7 of them (the extra
+// repeat the last row); qf: (G, C, 8) scaled queries; scores: G * padded floats; out: (G, C, 8).
+template <typename R, int C>
+void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
+                  float* scores, float* out) {
+  const int64_t padded = (len + 7) / 8 * 8;
+  for (int64_t t0 = 0; t0 < len; t0 += 8) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 dots[8];
+      for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
+      for (int c = 0; c < C; ++c) {
+        const __m256 qv = _mm256_loadu_ps(qf + (g * C + c) * 8);
+        for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qv, load8(k[t0 + j] + c * 8), dots[j]);
+      }
+      _mm256_storeu_ps(scores + g * padded + t0, reduce8(dots));
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * padded;  // softmax over the len scores of head g (pads: -inf)
+    for (int64_t t = len; t < padded; ++t) s[t] = -std::numeric_limits<float>::infinity();
+    __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t0 = 0; t0 < padded; t0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t0));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    const float m = *std::max_element(lanes, lanes + 8);
+    __m256 sv = _mm256_setzero_ps();
+    for (int64_t t0 = 0; t0 < padded; t0 += 8) {  // exp of a pad (-inf - m) is clamped: zero it
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t0), _mm256_set1_ps(m)));
+      _mm256_storeu_ps(s + t0, e);
+      if (t0 + 8 > len) {
+        for (int64_t t = len; t < t0 + 8; ++t) s[t] = 0.f;
+        e = _mm256_loadu_ps(s + t0);
+      }
+      sv = _mm256_add_ps(sv, e);
+    }
+    _mm256_store_ps(lanes, sv);
+    float sum = 0.f;
+    for (float x : lanes) sum += x;
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    __m256 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const __m256 pt = _mm256_broadcast_ss(s + t);
+      for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pt, load8(v[t] + c * 8), acc[c]);
+    }
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + (g * C + c) * 8, _mm256_mul_ps(acc[c], inv));
+  }
+}
+
+template <typename T, int C>
+void attend_simd8(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                  const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                  int64_t block_size, int64_t max_blocks, float scale) {
+  using R = typename Raw<T>::type;
+  const int64_t G = H / Hkv, row = Hkv * D;
+  const auto* kc = reinterpret_cast<const R*>(k_cache);
+  const auto* vc = reinterpret_cast<const R*>(v_cache);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), res(G * D), scores;
+    std::vector<const R*> k, v;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, kvh = task % Hkv, len = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      k.resize(len + 7);
+      v.resize(len + 7);
+      for (int64_t t = 0; t < len + 7; ++t) {
+        const int64_t tt = std::min(t, len - 1);
+        const int64_t offset = (table[tt / block_size] * block_size + tt % block_size) * row + kvh * D;
+        k[t] = kc + offset;
+        v[t] = vc + offset;
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
+      scores.resize(G * ((len + 7) / 8 * 8));
+      attend_task8<R, C>(qf.data(), k.data(), v.data(), len, G, scores.data(), res.data());
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) out[(b * H + kvh * G + g) * D + d] = static_cast<T>(res[g * D + d]);
+    }
+  });
+}
+
 #endif
 
-// Heads of up to 128 dims take the AVX-512 path where the compiler targets it.
+// Heads of up to 128 dims take the AVX-512 path where the compiler targets it; on AVX2, heads of
+// 32, 64, 80, 96 or 128 dims the AVX2 one.
 template <typename T>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
             const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
@@ -212,6 +338,20 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
 #undef THRIFTY_ATTEND_CASE
     default:
       break;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    switch (D / 8) {
+#define THRIFTY_ATTEND_CASE(C)                                                                 \
+  case C:                                                                                      \
+    return attend_simd8<T, C>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, \
+                              max_blocks, scale);
+      THRIFTY_ATTEND_CASE(4) THRIFTY_ATTEND_CASE(8) THRIFTY_ATTEND_CASE(10)
+      THRIFTY_ATTEND_CASE(12) THRIFTY_ATTEND_CASE(16)
+#undef THRIFTY_ATTEND_CASE
+      default:
+        break;
+    }
   }
 #endif
   attend_scalar(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, max_blocks, scale);
