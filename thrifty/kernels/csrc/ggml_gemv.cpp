@@ -578,10 +578,11 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
 #endif
 #if !defined(__AVX512F__)
   if (G == 32) {  // integer dot products on x rounded to int16 (see quantize_x)
-    torch::Tensor xq = torch::empty({M, L.K}, x.options().dtype(at::kShort));
-    torch::Tensor dx = torch::empty({M, L.groups}, opts);
-    auto qp = xq.data_ptr<int16_t>();
-    auto dp = dx.data_ptr<float>(), sp = xsum.data_ptr<float>();
+    // One scratch allocation per call (the decode step makes ~100 of these calls): dx, then qx.
+    torch::Tensor scratch = torch::empty({M * L.groups * 4 + M * L.K * 2}, x.options().dtype(at::kByte));
+    auto dp = reinterpret_cast<float*>(scratch.data_ptr());
+    auto qp = reinterpret_cast<int16_t*>(dp + M * L.groups);
+    auto sp = xsum.data_ptr<float>();
     auto sc = scale.data_ptr<float>();
     if (bf16) {
       quantize_x(reinterpret_cast<const at::BFloat16*>(x2.data_ptr()), M, L.K, qp, dp, sp);
