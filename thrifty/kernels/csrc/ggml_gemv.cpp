@@ -445,10 +445,9 @@ inline void fifth_bits(const uint8_t* p, __m256i& lo, __m256i& hi) {
   hi = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, bit), bit), sixteen);
 }
 
-// Group g of one row (32 weights) dotted with 32 int16 values of x: 8 int32 lanes.
+// Group g of one row (32 weights) as 16-bit integers: lo q_0..15, hi q_16..31.
 template <Format F>
-inline __m256i group_dot_i16(const uint8_t* row, int64_t g, const int16_t* xq) {
-  __m256i lo, hi;  // q_0..15, q_16..31 as 16-bit integers
+inline void group_words(const uint8_t* row, int64_t g, __m256i& lo, __m256i& hi) {
   if constexpr (F == kQ8) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * 32));
     lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
@@ -465,6 +464,10 @@ inline __m256i group_dot_i16(const uint8_t* row, int64_t g, const int16_t* xq) {
       hi = _mm256_or_si256(hi, five_hi);
     }
   }
+}
+
+// A group's words dotted with 32 int16 values of x: 8 int32 lanes.
+inline __m256i dot_words(__m256i lo, __m256i hi, const int16_t* xq) {
   const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
   const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
   return _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
@@ -476,28 +479,39 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
                         const int16_t* xq, const float* dx, const float* xsum, int mb,
                         V::f16v* acc) {
   constexpr int64_t kGroupBytes = F == kQ8 ? 32 : (F == kQ4 ? 16 : 20);
-  __m256 a[MB];
-  for (int m = 0; m < MB; ++m) a[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < L.groups; ++g) {
+  // Even and odd groups into two accumulators: one chain of FMAs would wait on its latency.
+  __m256 a[MB], b[MB];
+  for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm256_setzero_ps();
+  auto step = [&](int64_t g, __m256* acc) {
     _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupBytes + kAhead), _MM_HINT_T0);
+    __m256i lo, hi;  // decoded once for all mb rows of x
+    group_words<F>(row, g, lo, hi);
     for (int m = 0; m < MB; ++m) {
       if (m >= mb) break;
-      const __m256i s = group_dot_i16<F>(row, g, xq + m * L.K + g * 32);
-      a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(drow[g] * dx[m * L.groups + g]),
-                             a[m]);
+      const __m256i s = dot_words(lo, hi, xq + m * L.K + g * 32);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
+                               _mm256_set1_ps(drow[g] * dx[m * L.groups + g]), acc[m]);
     }
+  };
+  int64_t g = 0;
+  for (; g + 1 < L.groups; g += 2) {
+    step(g, a);
+    step(g + 1, b);
   }
+  if (g < L.groups) step(g, a);
   for (int m = 0; m < mb; ++m) {
-    V::f16v t{a[m], _mm256_setzero_ps()};
-    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g)
+    __m256 off = _mm256_setzero_ps();
+    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g), 8 groups a step
       const float* mrow = drow + L.groups;
       const float* xs = xsum + m * L.groups;
-      for (int64_t h = 0; h < L.groups; h += 16) {
-        const V::mask16 k = V::first_lanes(L.groups - h);
-        t = V::fmadd(V::load(mrow + h, k), V::load(xs + h, k), t);
-      }
+      int64_t h = 0;
+      for (; h + 8 <= L.groups; h += 8)
+        off = _mm256_fmadd_ps(_mm256_loadu_ps(mrow + h), _mm256_loadu_ps(xs + h), off);
+      float tail = 0.f;
+      for (; h < L.groups; ++h) tail += mrow[h] * xs[h];
+      off = _mm256_add_ps(off, _mm256_setr_ps(tail, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f));
     }
-    acc[m] = t;
+    acc[m] = V::f16v{_mm256_add_ps(a[m], b[m]), off};
   }
 }
 
