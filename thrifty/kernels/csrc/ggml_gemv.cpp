@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec16.h"
@@ -54,6 +55,21 @@ struct Layout {
 
   const float* d(const float* scale, int64_t n) const { return scale + n * scale_rows * groups; }
 };
+
+// fn(std::integral_constant<int, MB>{}) for the least MB of 1, 2, 4, kMaxMB that holds mb rows:
+// the row kernels are unrolled over MB rows of x.
+template <typename Fn>
+inline void with_rows(int mb, Fn&& fn) {
+  if (mb == 1) {
+    fn(std::integral_constant<int, 1>{});
+  } else if (mb == 2) {
+    fn(std::integral_constant<int, 2>{});
+  } else if (mb <= 4) {
+    fn(std::integral_constant<int, 4>{});
+  } else {
+    fn(std::integral_constant<int, kMaxMB>{});
+  }
+}
 
 // The 16-wide chunk c of group g of one row, as floats; C chunks (16 C weights) per group.
 template <Format F, int C>
@@ -263,15 +279,9 @@ void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, 
     const uint8_t* row = w + n * L.row_bytes;
     const float* xm = x + m0 * L.K;
     const float* xs = xsum + m0 * L.groups;
-    if (mb == 1) {
-      row_dot<F, C, 1>(L, row, L.d(scale, n), xm, xs, mb, out);
-    } else if (mb == 2) {
-      row_dot<F, C, 2>(L, row, L.d(scale, n), xm, xs, mb, out);
-    } else if (mb > 4) {
-      row_dot<F, C, kMaxMB>(L, row, L.d(scale, n), xm, xs, mb, out);
-    } else {
-      row_dot<F, C, 4>(L, row, L.d(scale, n), xm, xs, mb, out);
-    }
+    with_rows(mb, [&](auto rows) {
+      row_dot<F, C, decltype(rows)::value>(L, row, L.d(scale, n), xm, xs, mb, out);
+    });
   });
 }
 
@@ -284,15 +294,9 @@ void gemv_bf16(const Layout& L, const uint16_t* xp, int64_t Kp, const float* xsu
     const uint8_t* row = w + n * L.row_bytes;
     const uint16_t* xm = xp + m0 * Kp;
     const float* xs = xsum + m0 * L.groups;
-    if (mb == 1) {
-      row_dot_bf16<F, 1>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
-    } else if (mb == 2) {
-      row_dot_bf16<F, 2>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
-    } else if (mb > 4) {
-      row_dot_bf16<F, kMaxMB>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
-    } else {
-      row_dot_bf16<F, 4>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
-    }
+    with_rows(mb, [&](auto rows) {
+      row_dot_bf16<F, decltype(rows)::value>(L, row, L.d(scale, n), xm, Kp, xs, mb, out);
+    });
   });
 }
 
@@ -523,15 +527,9 @@ void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* 
     const int16_t* xm = xq + m0 * L.K;
     const float* dm = dx + m0 * L.groups;
     const float* xs = xsum + m0 * L.groups;
-    if (mb == 1) {
-      row_dot_i16<F, 1>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
-    } else if (mb == 2) {
-      row_dot_i16<F, 2>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
-    } else if (mb > 4) {
-      row_dot_i16<F, kMaxMB>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
-    } else {
-      row_dot_i16<F, 4>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
-    }
+    with_rows(mb, [&](auto rows) {
+      row_dot_i16<F, decltype(rows)::value>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
+    });
   });
 }
 

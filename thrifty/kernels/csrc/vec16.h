@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include "simd.h"  // reduce16
+#endif
+
 namespace thrifty_vec {
 
 using mask16 = uint16_t;  // lane i is bit i
@@ -98,24 +102,7 @@ inline f16v from_nibbles(const void* p, bool high, mask16 five) {
 // Lane i of the result is the sum of the 16 lanes of v[i].
 inline f16v reduce16(const f16v* v) {
 #if defined(__AVX512F__)
-  __m512 u[8];  // per 128-bit lane: pairs of partial sums of v[2i], v[2i+1]
-  for (int i = 0; i < 8; ++i) {
-    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  }
-  __m512 w[4];  // per 128-bit lane: one partial sum of each of v[4i..4i+3]
-  for (int i = 0; i < 4; ++i) {
-    __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
-    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  __m512 z[2];  // add 128-bit lanes pairwise (0+1, 2+3), twice
-  for (int i = 0; i < 2; ++i) {
-    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
-                       _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  return thrifty_simd::reduce16(v);
 #else
   __m256 h[16];  // each v[i] folded to 8 lanes
   for (int i = 0; i < 16; ++i) h[i] = _mm256_add_ps(v[i].lo, v[i].hi);
