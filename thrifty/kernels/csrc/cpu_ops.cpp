@@ -87,11 +87,28 @@ void attend_scalar(const T* q, const T* k_cache, const T* v_cache, const int64_t
   });
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-
 // Storage type as the SIMD loads see it: bfloat16 is its raw 16 bits.
 template <typename T> struct Raw { using type = T; };
 template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+
+// The key and value rows of a sequence's len tokens for one KV head (offset_in_row into each
+// cache slot), read through its block table; `pad` more repeat the last row, so that a SIMD
+// pass over a whole chunk of tokens reads valid memory.
+template <typename R>
+void kv_rows(const R* kc, const R* vc, const int64_t* table, int64_t len, int64_t pad,
+             int64_t block_size, int64_t row, int64_t offset_in_row, std::vector<const R*>& k,
+             std::vector<const R*>& v) {
+  k.resize(len + pad);
+  v.resize(len + pad);
+  for (int64_t t = 0; t < len + pad; ++t) {
+    const int64_t tt = std::min(t, len - 1);
+    const int64_t at = (table[tt / block_size] * block_size + tt % block_size) * row + offset_in_row;
+    k[t] = kc + at;
+    v[t] = vc + at;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 template <typename R>
 inline void prefetch_row(const R* row, int64_t D) {
@@ -174,14 +191,7 @@ void attend_simd(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv, len = lens[b];
       const int64_t* table = tables + b * max_blocks;
-      k.resize(len + 15);
-      v.resize(len + 15);
-      for (int64_t t = 0; t < len + 15; ++t) {
-        const int64_t tt = std::min(t, len - 1);
-        const int64_t offset = (table[tt / block_size] * block_size + tt % block_size) * row + kvh * D;
-        k[t] = kc + offset;
-        v[t] = vc + offset;
-      }
+      kv_rows(kc, vc, table, len, 15, block_size, row, kvh * D, k, v);
       for (int64_t g = 0; g < G; ++g)
         for (int c = 0; c < C; ++c) {
           const R* qg = qr + (b * H + kvh * G + g) * D + c * 16;
@@ -201,8 +211,6 @@ void attend_simd(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
 
 // The same attention on AVX2 (CPUs without AVX-512): 8 lanes per chunk, C chunks per head
 // (D = 8 C exactly), scores 8 tokens per pass folded by one transpose-add, the same exp.
-template <typename T> struct Raw { using type = T; };
-template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {  // bf16: the upper half of a float32
@@ -300,14 +308,7 @@ void attend_simd8(const T* q, const T* k_cache, const T* v_cache, const int64_t*
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv, len = lens[b];
       const int64_t* table = tables + b * max_blocks;
-      k.resize(len + 7);
-      v.resize(len + 7);
-      for (int64_t t = 0; t < len + 7; ++t) {
-        const int64_t tt = std::min(t, len - 1);
-        const int64_t offset = (table[tt / block_size] * block_size + tt % block_size) * row + kvh * D;
-        k[t] = kc + offset;
-        v[t] = vc + offset;
-      }
+      kv_rows(kc, vc, table, len, 7, block_size, row, kvh * D, k, v);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
