@@ -21,7 +21,6 @@ import llguidance
 import numpy as np
 import torch
 from llguidance import LLMatcher
-from llguidance.torch import fill_next_token_bitmask_par
 
 from thrifty.errors import ThriftyError
 
@@ -229,9 +228,11 @@ class Grammars:
         guides[i], every token for the rows without a guide."""
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((batch, words), -1, dtype=torch.int32)
-        fill_next_token_bitmask_par(  # (a guide exists, so the executor does too)
-            self._executor, [(g.matcher, i) for i, g in guides.items()], bitmask
-        )
+        # What llguidance.torch.fill_next_token_bitmask_par does, called directly: importing
+        # llguidance.torch compiles a function with torch.compile, 2.6 s of every start-up.
+        # (A guide exists, so the executor does too.)
+        matchers = [(g.matcher, i) for i, g in guides.items()]
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, batch)
         for i, g in guides.items():
             g.after_fill(bitmask[i])
         return bitmask
