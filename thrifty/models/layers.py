@@ -22,7 +22,8 @@ def linear(
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ W^T + b; the one place where the weight's storage picks the kernel.
+    """y = x @ W^T + b, the kernel picked from the weight's storage by `linear_kernel` (the one
+    place that does; a Linear keeps what it picks).
 
     A bf16 weight packed for the CPU (3-d, see pack_linears) goes to the packed AVX-512 BF16
     kernel, at every batch size. An unpacked bf16 weight on the CPU times a few rows (decode)
@@ -32,12 +33,12 @@ def linear(
     A GGUF weight repacked as q4 / q5 (uint8) or q8 (int8) comes with its group scales in the same
     slot (thrifty/quant/ggml.py).
     """
-    if weight.dtype == torch.float8_e4m3fn:  # checkpoint layout or packed (3-d): fp8 decides
-        return fp8_kernels.linear(x, weight, scale, bias)
-    if weight.dim() == 3:
-        return kernels.packed_linear(x, weight, bias)
-    if weight.dtype in (torch.uint8, torch.int8):
-        return ggml_kernels.linear(x, weight, scale, bias)
+    return linear_kernel(weight, bias, scale)(x)
+
+
+def _dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     if (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
@@ -55,15 +56,15 @@ def linear_kernel(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`linear` for one weight with its kernel chosen once, from the weight's storage and the
     CPU's features: what a Linear calls on the hot path. Packed bf16 and GGUF weights get their
-    compiled kernels bound (rows of x still pick GEMV or GEMM per call); any other weight goes
-    through `linear` each call."""
-    if weight.dtype == torch.float8_e4m3fn:
+    compiled kernels bound (rows of x still pick GEMV or GEMM per call); a dense weight picks
+    the bf16 GEMV or torch's matmul each call."""
+    if weight.dtype == torch.float8_e4m3fn:  # checkpoint layout or packed (3-d): fp8 decides
         return fp8_kernels.linear_kernel(weight, scale, bias)
     if weight.dim() == 3:
         return kernels.packed_kernel(weight, bias)
     if weight.dtype in (torch.uint8, torch.int8):
         return ggml_kernels.linear_kernel(weight, scale, bias)
-    return functools.partial(linear, weight=weight, bias=bias, scale=scale)
+    return functools.partial(_dense_linear, weight=weight, bias=bias)
 
 
 class Linear(nn.Module):
@@ -95,12 +96,19 @@ class Linear(nn.Module):
         self.__dict__.pop("_kernel", None)
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _folded_bias(self) -> torch.Tensor | None:
+        """The bias the kernel adds (a row-parallel layer adds it after its all-reduce)."""
+        return self.bias
+
+    def bound_kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
         kernel = self.__dict__.get("_kernel")
         if kernel is None:
-            kernel = linear_kernel(self.weight, self.bias, self.weight_scale_inv)
+            kernel = linear_kernel(self.weight, self._folded_bias(), self.weight_scale_inv)
             self.__dict__["_kernel"] = kernel
-        return kernel(x)
+        return kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bound_kernel()(x)
 
 
 class Embedding(nn.Module):

@@ -23,7 +23,7 @@ import torch
 
 from thrifty import distributed
 from thrifty.distributed import Shard
-from thrifty.models.layers import Embedding, Linear, linear
+from thrifty.models.layers import Embedding, Linear
 
 
 class ColumnParallelLinear(Linear):
@@ -57,8 +57,11 @@ class RowParallelLinear(Linear):
         if distributed.world_size() > 1:
             self.forward = self.reduced_forward
 
+    def _folded_bias(self) -> torch.Tensor | None:
+        return None if distributed.world_size() > 1 else self.bias
+
     def reduced_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = distributed.all_reduce(linear(x, self.weight, None, self.weight_scale_inv))
+        y = distributed.all_reduce(self.bound_kernel()(x))
         return y if self.bias is None else y + self.bias  # the bias once, not once per rank
 
 
