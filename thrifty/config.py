@@ -320,7 +320,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def resolve_dtype(name: str | torch.dtype, model_dir: Path, device: str) -> torch.dtype:
     """`parse_dtype`, with "auto" (the default): bfloat16, except float32 for a GGUF model on a
     CPU without AVX-512 BF16. There every bf16 activation is widened to float32 and rounded back
-    around each op (slower: 79 against 92 tok/s for SmolLM2 on an AVX2 EPYC), and the rounding
+    around each op (slower), and the rounding
     flips SmolLM2's greedy answers; a GGUF's weights stay quantized, so float32 costs no weight
     memory. A dense checkpoint keeps bfloat16 (float32 would double its weights)."""
     if name != "auto":
