@@ -13,8 +13,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "simd.h"
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include "vec16.h"  // f16v: 16 float lanes on AVX-512 or AVX2; exp8
 #endif
 
 #include <algorithm>
@@ -225,26 +226,6 @@ inline __m256 reduce8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-// e^x as simd.h's exp512: x = n ln2 + r, e^r by its degree-6 Taylor polynomial, times 2^n built
-// in the exponent bits (n >= -126 after the clamp at -87).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 // One (sequence, kv head) task; k[t], v[t]: the rows of token t, len + 7 of them (the extra
 // repeat the last row); qf: (G, C, 8) scaled queries; scores: G * padded floats; out: (G, C, 8).
 template <typename R, int C>
@@ -272,7 +253,7 @@ void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t
     const float m = *std::max_element(lanes, lanes + 8);
     __m256 sv = _mm256_setzero_ps();
     for (int64_t t0 = 0; t0 < padded; t0 += 8) {  // exp of a pad (-inf - m) is clamped: zero it
-      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t0), _mm256_set1_ps(m)));
+      __m256 e = thrifty_vec::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t0), _mm256_set1_ps(m)));
       _mm256_storeu_ps(s + t0, e);
       if (t0 + 8 > len) {
         for (int64_t t = len; t < t0 + 8; ++t) s[t] = 0.f;
@@ -602,20 +583,28 @@ void silu_mul_rows(const T* x, T* out, int64_t N, int64_t F) {
       const T* u = g + F;
       T* o = out + n * F;
       int64_t f = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {  // 16 lanes: one zmm or two ymm (vec16.h)
+        namespace V = thrifty_vec;
+        const V::f16v one = V::set1(1.f);
+        for (; f + 16 <= F; f += 16) {
+          const V::f16v gv = V::load(g + f), uv = V::load(u + f);
+          const V::f16v y = V::div(V::mul(gv, uv), V::add(one, V::exp(V::sub(V::zero(), gv))));
+          V::store(o + f, y, V::kAll);
+        }
+      }
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-      using R = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
-      const auto* gr = reinterpret_cast<const R*>(g);
-      const auto* ur = reinterpret_cast<const R*>(u);
-      alignas(64) float tmp[16];
-      for (; f + 16 <= F; f += 16) {
-        const __m512 gv = thrifty_simd::load_f32(gr + f, 0xFFFF);
-        const __m512 uv = thrifty_simd::load_f32(ur + f, 0xFFFF);
-        const __m512 e = thrifty_simd::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        const __m512 y = _mm512_div_ps(_mm512_mul_ps(gv, uv), _mm512_add_ps(_mm512_set1_ps(1.f), e));
-        if constexpr (std::is_same_v<T, float>) {
-          _mm512_storeu_ps(o + f, y);
-        } else {
-          _mm512_store_ps(tmp, y);
+      if constexpr (!std::is_same_v<T, float>) {  // bf16 rows, widened to float32
+        const auto* gr = reinterpret_cast<const uint16_t*>(g);
+        const auto* ur = reinterpret_cast<const uint16_t*>(u);
+        alignas(64) float tmp[16];
+        for (; f + 16 <= F; f += 16) {
+          const __m512 gv = thrifty_simd::load_f32(gr + f, 0xFFFF);
+          const __m512 uv = thrifty_simd::load_f32(ur + f, 0xFFFF);
+          const __m512 e = thrifty_simd::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+          _mm512_store_ps(tmp, _mm512_div_ps(_mm512_mul_ps(gv, uv),
+                                             _mm512_add_ps(_mm512_set1_ps(1.f), e)));
           for (int i = 0; i < 16; ++i) o[f + i] = static_cast<T>(tmp[i]);
         }
       }

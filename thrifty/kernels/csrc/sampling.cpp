@@ -17,9 +17,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include "simd.h"
-#define THRIFTY_AVX512 1
+#if defined(__AVX2__) && defined(__FMA__)
+#include "vec16.h"  // 16 float lanes: one AVX-512 register or two AVX2 ones
+#define THRIFTY_SIMD 1
+namespace V = thrifty_vec;
 #endif
 
 #include <algorithm>
@@ -43,10 +44,10 @@ struct RowStats {
 RowStats row_stats(const float* x, int64_t V, float t) {
   float m = kNegInf;
   int64_t i = 0;
-#ifdef THRIFTY_AVX512
-  __m512 mv = _mm512_set1_ps(kNegInf);
-  for (; i + 16 <= V; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
-  m = _mm512_reduce_max_ps(mv);
+#ifdef THRIFTY_SIMD
+  V::f16v mv = V::set1(kNegInf);
+  for (; i + 16 <= V; i += 16) mv = V::max(mv, V::load(x + i));
+  m = V::reduce_max(mv);
 #endif
   for (; i < V; ++i) m = std::max(m, x[i]);
   int64_t arg = 0;
@@ -55,19 +56,19 @@ RowStats row_stats(const float* x, int64_t V, float t) {
   const float inv_t = 1.f / t;
   double z1 = 0, zt = 0;
   i = 0;
-#ifdef THRIFTY_AVX512
-  const __m512 mm = _mm512_set1_ps(m), it = _mm512_set1_ps(inv_t);
+#ifdef THRIFTY_SIMD
+  const V::f16v mm = V::set1(m), it = V::set1(inv_t);
   while (i + 16 <= V) {
     // float partial sums over at most 1024 tokens, then double: rounding stays near 1e-7
-    __m512 a1 = _mm512_setzero_ps(), at = _mm512_setzero_ps();
+    V::f16v a1 = V::zero(), at = V::zero();
     const int64_t stop = std::min(V - 15, i + 1024);
     for (; i < stop; i += 16) {
-      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), mm);
-      a1 = _mm512_add_ps(a1, thrifty_simd::exp512(d));
-      at = _mm512_add_ps(at, thrifty_simd::exp512(_mm512_mul_ps(d, it)));
+      const V::f16v d = V::sub(V::load(x + i), mm);
+      a1 = V::add(a1, V::exp(d));
+      at = V::add(at, V::exp(V::mul(d, it)));
     }
-    z1 += _mm512_reduce_add_ps(a1);
-    zt += _mm512_reduce_add_ps(at);
+    z1 += V::reduce_add(a1);
+    zt += V::reduce_add(at);
   }
 #endif
   for (; i < V; ++i) {
@@ -80,10 +81,10 @@ RowStats row_stats(const float* x, int64_t V, float t) {
 // Positions of x at or above `threshold`, in id order.
 void collect(const float* x, int64_t V, float threshold, std::vector<int64_t>& out) {
   int64_t i = 0;
-#ifdef THRIFTY_AVX512
-  const __m512 th = _mm512_set1_ps(threshold);
+#ifdef THRIFTY_SIMD
+  const V::f16v th = V::set1(threshold);
   for (; i + 16 <= V; i += 16) {
-    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), th, _CMP_GE_OQ);
+    unsigned hit = V::ge(V::load(x + i), th);
     while (hit) {
       out.push_back(i + __builtin_ctz(hit));
       hit &= hit - 1;
@@ -103,16 +104,13 @@ std::pair<int64_t, double> walk(const float* x, int64_t V, float m, float t, flo
   const bool draw = target >= 0;
   double c = 0;
   int64_t i = 0, last = -1;
-#ifdef THRIFTY_AVX512
-  const __m512 mm = _mm512_set1_ps(m), it = _mm512_set1_ps(1.f / t),
-               th = _mm512_set1_ps(threshold);
+#ifdef THRIFTY_SIMD
+  const V::f16v mm = V::set1(m), it = V::set1(1.f / t), th = V::set1(threshold);
   for (; i + 16 <= V; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __mmask16 in = _mm512_cmp_ps_mask(v, th, _CMP_GE_OQ);
+    const V::f16v v = V::load(x + i);
+    const V::mask16 in = V::ge(v, th);
     if (!in) continue;
-    const __m512 e = _mm512_maskz_mov_ps(
-        in, thrifty_simd::exp512(_mm512_mul_ps(_mm512_sub_ps(v, mm), it)));
-    const double chunk = _mm512_reduce_add_ps(e);
+    const double chunk = V::reduce_add(V::maskz(in, V::exp(V::mul(V::sub(v, mm), it))));
     if (draw && c + chunk > target) break;  // the token is in this chunk: walk it one by one
     c += chunk;
     last = i + 31 - __builtin_clz(in);
@@ -142,10 +140,9 @@ void top_k_scan(const float* x, int64_t V, int64_t k, int64_t* ids, float* vals)
   };
   int64_t i = 0;
   for (; i < std::min(k, V); ++i) offer(i);
-#ifdef THRIFTY_AVX512
+#ifdef THRIFTY_SIMD
   for (; i + 16 <= V; i += 16) {  // most chunks hold nothing above the k-th largest so far
-    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_set1_ps(vals[k - 1]),
-                                       _CMP_GT_OQ);
+    unsigned hit = V::gt(V::load(x + i), V::set1(vals[k - 1]));
     for (; hit; hit &= hit - 1) offer(i + __builtin_ctz(hit));
   }
 #endif

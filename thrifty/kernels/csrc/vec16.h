@@ -19,6 +19,28 @@ constexpr mask16 kAll = 0xFFFF;
 
 inline mask16 first_lanes(int64_t n) { return n >= 16 ? kAll : static_cast<mask16>((1u << n) - 1); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// e^x as simd.h's exp512 on 8 lanes: x = n ln2 + r, e^r by its degree-6 Taylor polynomial,
+// times 2^n built in the exponent bits (n >= -126 after the clamp at -87).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 #if defined(__AVX512F__)
 
 using f16v = __m512;
@@ -27,6 +49,15 @@ inline f16v set1(float v) { return _mm512_set1_ps(v); }
 inline f16v add(f16v a, f16v b) { return _mm512_add_ps(a, b); }
 inline f16v mul(f16v a, f16v b) { return _mm512_mul_ps(a, b); }
 inline f16v fmadd(f16v a, f16v b, f16v c) { return _mm512_fmadd_ps(a, b, c); }
+inline f16v sub(f16v a, f16v b) { return _mm512_sub_ps(a, b); }
+inline f16v div(f16v a, f16v b) { return _mm512_div_ps(a, b); }
+inline f16v max(f16v a, f16v b) { return _mm512_max_ps(a, b); }
+inline f16v exp(f16v x) { return thrifty_simd::exp512(x); }
+inline mask16 ge(f16v a, f16v b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+inline mask16 gt(f16v a, f16v b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline f16v maskz(mask16 k, f16v v) { return _mm512_maskz_mov_ps(k, v); }
+inline float reduce_add(f16v v) { return _mm512_reduce_add_ps(v); }
+inline float reduce_max(f16v v) { return _mm512_reduce_max_ps(v); }
 inline f16v load(const float* p) { return _mm512_loadu_ps(p); }
 inline f16v load(const float* p, mask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 inline void store(float* p, f16v v, mask16 k) { _mm512_mask_storeu_ps(p, k, v); }
@@ -53,6 +84,30 @@ inline f16v add(f16v a, f16v b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_
 inline f16v mul(f16v a, f16v b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 inline f16v fmadd(f16v a, f16v b, f16v c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline f16v sub(f16v a, f16v b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline f16v div(f16v a, f16v b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline f16v max(f16v a, f16v b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline f16v exp(f16v x) { return {exp8(x.lo), exp8(x.hi)}; }
+template <int Cmp>
+inline mask16 compare(f16v a, f16v b) {
+  const int lo = _mm256_movemask_ps(_mm256_cmp_ps(a.lo, b.lo, Cmp));
+  const int hi = _mm256_movemask_ps(_mm256_cmp_ps(a.hi, b.hi, Cmp));
+  return static_cast<mask16>(lo | hi << 8);
+}
+inline mask16 ge(f16v a, f16v b) { return compare<_CMP_GE_OQ>(a, b); }
+inline mask16 gt(f16v a, f16v b) { return compare<_CMP_GT_OQ>(a, b); }
+inline float reduce8_add(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+inline float reduce_add(f16v v) { return reduce8_add(_mm256_add_ps(v.lo, v.hi)); }
+inline float reduce_max(f16v v) {
+  const __m256 m = _mm256_max_ps(v.lo, v.hi);
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
 }
 inline f16v load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline f16v load(const float* p, mask16 k) {
@@ -83,6 +138,10 @@ inline f16v from_i8(const void* p) {
 inline __m256i bits8(uint32_t k) {
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(k)), bit), bit);
+}
+inline f16v maskz(mask16 k, f16v v) {
+  return {_mm256_and_ps(v.lo, _mm256_castsi256_ps(bits8(k & 0xFF))),
+          _mm256_and_ps(v.hi, _mm256_castsi256_ps(bits8(k >> 8)))};
 }
 inline f16v from_nibbles(const void* p, bool high, mask16 five) {
   const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
