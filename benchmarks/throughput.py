@@ -154,7 +154,13 @@ def machine() -> dict:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads_used": THREADS}
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return {"cpu": cpu, "features": features, "cores": os.cpu_count(), "threads_used": THREADS}
 
 
 def git_revision() -> str:
@@ -209,7 +215,9 @@ def render(report: dict) -> str:
     lines = [
         f"# Throughput: {report['model']} on CPU",
         "",
-        f"{report['date']} · {report['machine']['cpu']}, {report['machine']['cores']} cores,"
+        f"{report['date']} · {report['machine']['cpu']}"
+        f" ({', '.join(report['machine'].get('features', []))}),"
+        f" {report['machine']['cores']} cores,"
         f" {THREADS} threads · torch {report['versions']['torch']} · transformers"
         f" {report['versions']['transformers']} · llama-cpp-python"
         f" {report['versions']['llama_cpp_python'] or 'skipped'} · thrifty {report['revision']}",
@@ -250,26 +258,31 @@ def render(report: dict) -> str:
 
 
 def compare(report: dict) -> list[str]:
-    """Where thrifty is slower than transformers, and whether their greedy tokens agree."""
+    """thrifty's speed against each peer (the ratio of medians per measure), and how many
+    leading greedy tokens they share."""
     by = {(r["engine"], r["weights"]): r for r in report["rows"]}
+    ok = {k: r for k, r in by.items() if "error" not in r["summary"]}
     notes = []
     for weights in report["dtypes"]:
-        th, tf = by.get(("thrifty", weights)), by.get(("transformers", weights))
-        if not th or not tf or "error" in th["summary"] or "error" in tf["summary"]:
+        th = ok.get(("thrifty", weights))
+        if not th:
             continue
-        for key, s in th["summary"].items():
-            if key.endswith("tokens_per_s"):
-                ratio = s["median"] / tf["summary"][key]["median"]
-                if ratio < 1:
-                    notes.append(
-                        f"thrifty {weights} is slower than transformers on {key}: "
-                        f"{ratio:.2f}x ({s['median']:.1f} vs {tf['summary'][key]['median']:.1f})"
-                    )
-        a, b = th["raw"]["greedy_sample"], tf["raw"]["greedy_sample"]
-        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
-        notes.append(
-            f"greedy tokens, thrifty vs transformers {weights}: first {same} of {len(a)} agree"
-        )
+        for peer in (("transformers", weights), ("llama.cpp", "Q4_1")):
+            other = ok.get(peer)
+            if not other:
+                continue
+            ratios = [
+                f"{key.removesuffix('_tokens_per_s').replace('_', ' ')}"
+                f" {s['median'] / other['summary'][key]['median']:.2f}x"
+                for key, s in th["summary"].items()
+                if key.endswith("tokens_per_s") and key in other["summary"]
+            ]
+            a, b = th["raw"]["greedy_sample"], other["raw"]["greedy_sample"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+            notes.append(
+                f"thrifty {weights} / {' '.join(peer)}: {', '.join(ratios)}; greedy tokens:"
+                f" first {same} of {len(a)} agree"
+            )
     return notes
 
 
@@ -281,6 +294,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--llama-cpp-python", metavar="PATH", help="a python interpreter with llama_cpp")
     p.add_argument("--quick", action="store_true", help="a short smoke run (fewer tokens, 1 rep)")
+    p.add_argument(
+        "--out", default="throughput", help="results/OUT.md and .json (a CPU's own table)"
+    )
     args = p.parse_args()
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -308,8 +324,9 @@ def main() -> None:
         if llama_version:
             jobs.append(("llama.cpp", "Q4_1"))
             notes.append(
-                "llama.cpp: decode at batch 1 only; llama-cpp-python's high-level `Llama` API "
-                "generates one sequence at a time (no batched generation)."
+                "llama.cpp: llama-cpp-python's low-level API, one llama_decode per step over the"
+                " whole batch (a seq_id per sequence, one KV stream each), prompts in 512-token"
+                " chunks, greedy argmax over each sequence's logits."
             )
         else:
             print(f"llama.cpp skipped: {why}", file=sys.stderr)
@@ -325,7 +342,7 @@ def main() -> None:
             "engine": engine,
             "dtype": DTYPES.get(dtype, dtype),
             "plan": dataclasses.asdict(plan),
-            "batch_sizes": [1] if llama else list(plan.batch_sizes),
+            "batch_sizes": list(plan.batch_sizes),
             "prompts": prompts,
             "hf_dir": str(hf_dir),
             "gguf": str(gguf),
@@ -385,7 +402,7 @@ def main() -> None:
     table = render(report)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "throughput_quick" if args.quick else "throughput"  # a smoke run keeps the real one
+    stem = f"{args.out}_quick" if args.quick else args.out  # a smoke run keeps the real one
     (RESULTS / f"{stem}.md").write_text(table)
     for row in rows:
         row["raw"].pop("stderr", None)

@@ -21,7 +21,6 @@ MODEL = "smollm2-135m-instruct"
 THREADS = 2
 ATTN_IMPLEMENTATION = "sdpa"  # transformers' default for Llama; its cache is the DynamicCache
 PAD_ID = 2  # SmolLM2's pad token (= EOS); equal-length prompts need no padding
-LLAMA_CPP_N_CTX = 2048
 
 
 # One generated token: (seconds since the run started, sequence index, token id).
@@ -123,34 +122,92 @@ class TransformersRunner:
 
 
 class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's low-level API, so that it decodes batches too.
+
+    The high-level `Llama` object holds one sequence; here one `llama_decode` call runs a step
+    for every sequence of the batch (each its own `seq_id`, as llama.cpp's batched example and
+    its server do), prompts go in `n_batch`-token chunks, and greedy picks the argmax of each
+    sequence's logits. The KV cache is one stream per sequence (`kv_unified` off, llama.cpp's
+    advice for sequences that share no prefix), each `n_ctx / n_seq_max` cells long.
+    """
+
+    N_BATCH = 512
+
     def __init__(self, spec: dict):
         self.path = spec["gguf"]
-
-    def load(self) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(
-            model_path=self.path,
-            n_ctx=LLAMA_CPP_N_CTX,
-            n_threads=THREADS,
-            n_threads_batch=THREADS,
-            verbose=False,
+        self.n_seq = max(spec["batch_sizes"])
+        plan = spec["plan"]
+        self.n_ctx_seq = max(
+            plan["prefill_len"] + 1, plan["decode_prompt_len"] + plan["max_tokens"]
         )
 
+    def load(self) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self.lib = llama_cpp
+        self.llm = Llama(model_path=self.path, n_ctx=16, n_threads=THREADS, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_seq * ((self.n_ctx_seq + 255) // 256 * 256)
+        params.n_batch = params.n_ubatch = self.N_BATCH
+        params.n_seq_max = self.n_seq
+        params.n_threads = params.n_threads_batch = THREADS
+        params.kv_unified = False
+        self.ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        self.batch = llama_cpp.llama_batch_init(self.N_BATCH, 0, 1)
+        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+
     def unload(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
         self.llm.close()
         del self.llm
 
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One llama_decode over (token, pos, seq, wants_logits); the greedy token of each
+        item that wants logits."""
+        import numpy as np
+
+        b = self.batch
+        for k, (tok, pos, seq, out) in enumerate(items):
+            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, pos, 1, out
+            b.seq_id[k][0] = seq
+        b.n_tokens = len(items)
+        if rc := self.lib.llama_decode(self.ctx, b):
+            raise RuntimeError(f"llama_decode returned {rc}")
+        picks = []
+        for k, (_, _, _, out) in enumerate(items):
+            if out:
+                row = self.lib.llama_get_logits_ith(self.ctx, k)
+                picks.append(int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax()))
+        return picks
+
     def run(self, prompts: list[list[int]], max_tokens: int) -> list[Event]:
-        # The high-level Llama object holds one sequence: no batched generation.
-        assert len(prompts) == 1, "llama-cpp-python's high-level API generates one sequence"
-        self.llm.reset()
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         events: list[Event] = []
         t0 = time.perf_counter()
-        for tok in self.llm.generate(prompts[0], temp=0.0, repeat_penalty=1.0, reset=True):
-            events.append((time.perf_counter() - t0, 0, tok))
-            if len(events) == max_tokens:
-                break
+        # Prompts: every token of every sequence, in chunks; logits at each prompt's last token.
+        items = [
+            (tok, pos, seq, pos == len(p) - 1)
+            for seq, p in enumerate(prompts)
+            for pos, tok in enumerate(p)
+        ]
+        last: list[int] = []
+        for i in range(0, len(items), self.N_BATCH):
+            last += self._decode(items[i : i + self.N_BATCH])
+        t = time.perf_counter() - t0
+        events += [(t, seq, tok) for seq, tok in enumerate(last)]
+        for step in range(1, max_tokens):
+            items = [
+                (tok, len(p) + step - 1, seq, True)
+                for seq, (p, tok) in enumerate(zip(prompts, last, strict=True))
+            ]
+            last = self._decode(items)
+            t = time.perf_counter() - t0
+            events += [(t, seq, tok) for seq, tok in enumerate(last)]
         return events
 
 
