@@ -1,14 +1,15 @@
 """Tensor parallelism on this machine: 1 rank vs 2 ranks (one thread each), prefill and decode.
 
-The model has SmolLM2-135M's shapes (hidden 576, 30 layers, MLP 1536, vocabulary 49,152, tied
-head) in bf16 with random weights, except 8 query heads and 2 KV heads of 64 dims instead of 9
-and 3, which do not split over 2 ranks. Each setting runs in its own process (the ranks' process
-group lives and dies with it): 1 rank x 1 thread, 1 rank x 2 threads (the same two cores as two
-ranks) and 2 ranks x 1 thread. Prefill: one prompt of --prompt tokens, no prefix cache, best of
-3. Decode: --batch sequences of 32-token prompts, --tokens greedy tokens each, after the first.
-Then DeepSeek-V3's communication per token at TP=8 / EP=64, on paper.
+The model is the real SmolLM2-135M-Instruct GGUF (9 query heads and 3 KV heads, split 6+3 and
+2+1 over 2 ranks; its Q4_1 weights stay quantized, each rank holding its own rows or columns),
+with --dtype auto's activations. Each setting runs in its own process (the ranks' process group
+lives and dies with it): 1 rank x 1 thread, 1 rank x 2 threads (the same two cores as two
+ranks) and 2 ranks x 1 thread, and the settings take turns for --rounds rounds (medians
+reported). Prefill: one prompt of --prompt tokens, no prefix cache, best of 3. Decode: --batch
+sequences of 32-token prompts, --tokens greedy tokens each, after the first. Then DeepSeek-V3's
+communication per token at TP=8 / EP=64, on paper.
 
-    .venv/bin/python benchmarks/tensor_parallel.py [--prompt 512] [--tokens 64] [--batch 1 8]
+    .venv/bin/python benchmarks/tensor_parallel.py [--model smollm2-135m-instruct] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,46 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
-
-import torch
 
 SETTINGS = [(1, 1), (1, 2), (2, 1)]  # (ranks, threads per rank)
 
 
-def make_model(path: Path) -> None:
-    import transformers
-
-    from thrifty import hub
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
-        max_position_embeddings=2048, rms_norm_eps=1e-5, torch_dtype="bfloat16",
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    source = hub.resolve("smollm2-135m-instruct", progress=False)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / name, path / name)
-
-
 def measure(path: str, ranks: int, threads: int, prompt: int, tokens: int, batches: list[int]):
-    from thrifty import SamplingParams
-    from thrifty.config import EngineConfig
+    from thrifty import SamplingParams, hub
+    from thrifty.config import EngineConfig, resolve_dtype
     from thrifty.engine.llm_engine import LLMEngine
 
+    model_dir = hub.resolve(path, progress=False)
     config = EngineConfig(
         tensor_parallel_size=ranks, num_threads=threads, enable_prefix_caching=False,
         max_model_len=2048, kv_cache_memory_bytes=256 << 20,
+        dtype=resolve_dtype("auto", model_dir, "cpu"),  # as `thrifty serve` picks it
     )  # fmt: skip
-    engine = LLMEngine(Path(path), config)
+    engine = LLMEngine(model_dir, config)
     greedy = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
     def run(prompts: list[list[int]], params: SamplingParams) -> tuple[float, float]:
@@ -111,35 +92,42 @@ def deepseek_v3_on_paper() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--measure", nargs=3, metavar=("PATH", "RANKS", "THREADS"), help=argparse.SUPPRESS
+        "--measure", nargs=3, metavar=("MODEL", "RANKS", "THREADS"), help=argparse.SUPPRESS
     )
     args = p.parse_args()
     if args.measure:  # one setting, in its own process
-        path, ranks, threads = args.measure[0], int(args.measure[1]), int(args.measure[2])
-        print(json.dumps(measure(path, ranks, threads, args.prompt, args.tokens, args.batch)))
+        model, ranks, threads = args.measure[0], int(args.measure[1]), int(args.measure[2])
+        print(json.dumps(measure(model, ranks, threads, args.prompt, args.tokens, args.batch)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        make_model(Path(tmp))
-        rows = []
+    runs: dict[tuple[int, int], list[dict]] = {s: [] for s in SETTINGS}
+    loads = []
+    for _ in range(args.rounds):
         for ranks, threads in SETTINGS:
             cmd = [sys.executable, __file__, "--prompt", str(args.prompt), "--tokens",
                    str(args.tokens), "--batch", *map(str, args.batch),
-                   "--measure", tmp, str(ranks), str(threads)]  # fmt: skip
+                   "--measure", args.model, str(ranks), str(threads)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode:
                 sys.exit(f"{ranks} rank(s): {out.stderr[-2000:]}")
-            rows.append((ranks, threads, json.loads(out.stdout.splitlines()[-1])))
-    print(f"SmolLM2-135M-shaped bf16 (8 heads, 2 KV heads), load average {os.getloadavg()[0]:.2f}")
+            runs[ranks, threads].append(json.loads(out.stdout.splitlines()[-1]))
+            loads.append(os.getloadavg()[0])
+    print(
+        f"{args.model}, medians of {args.rounds} rounds, load average"
+        f" {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cores"
+    )
     head = " | ".join(f"decode batch {b} (tok/s)" for b in args.batch)
     print(f"| ranks x threads | prefill {args.prompt} tok (tok/s) | {head} |")
     print("|---|---|" + "---|" * len(args.batch))
-    for ranks, threads, r in rows:
-        cells = " | ".join(f"{r[f'decode{b}']:.1f}" for b in args.batch)
-        print(f"| {ranks} x {threads} | {r['prefill']:.0f} | {cells} |")
+    for (ranks, threads), rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        cells = " | ".join(f"{med[f'decode{b}']:.1f}" for b in args.batch)
+        print(f"| {ranks} x {threads} | {med['prefill']:.0f} | {cells} |")
     print("\nDeepSeek-V3 at TP=8 / EP=64, bytes each rank sends per token (on paper):\n")
     print(deepseek_v3_on_paper())
 
