@@ -194,6 +194,9 @@ class Sampler:
             or s.params.frequency_penalty
             for s in seqs
         )
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        if not penalized and not want_logprobs and all(s.params.greedy for s in seqs):
+            return _argmax(logits).tolist(), [None] * len(seqs)  # no distribution needed
         if (
             self.compiled
             and not penalized
@@ -202,7 +205,6 @@ class Sampler:
             and kernels.sampling_available()
         ):
             return _sample_compiled(logits, seqs)
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
         if penalized:
             logits = apply_penalties(logits.clone(), seqs)

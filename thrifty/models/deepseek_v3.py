@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from thrifty.config import ModelConfig
-from thrifty.models.layers import Linear, RMSNorm, RotaryEmbedding
+from thrifty.models.layers import Linear, Module, RMSNorm, RotaryEmbedding
 from thrifty.models.mla import MLAttention
 from thrifty.models.moe import Expert, MoE
 from thrifty.models.parallel import ParallelLMHead, VocabParallelEmbedding
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class SharedHead(nn.Module):
+class SharedHead(Module):
     """The MTP layer's own final norm; its head is the main model's `lm_head`."""
 
     def __init__(self, cfg: ModelConfig):
@@ -66,7 +66,7 @@ class MTPLayer(DecoderLayer):
         return self.shared_head.norm(self(x, rope, cos_sin))
 
 
-class DeepseekModel(nn.Module):
+class DeepseekModel(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
@@ -78,7 +78,7 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(Module):
     """Also DeepseekV2ForCausalLM: the differences are flags in ModelConfig.mla / .moe."""
 
     def __init__(self, cfg: ModelConfig):

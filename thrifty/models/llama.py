@@ -15,7 +15,7 @@ from torch import nn
 from thrifty import distributed, kernels
 from thrifty.config import ModelConfig
 from thrifty.models.attention import attend_cached, get_context, paged_attention
-from thrifty.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from thrifty.models.layers import Module, RMSNorm, RotaryEmbedding, silu_and_mul
 from thrifty.models.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -46,7 +46,7 @@ class Rope:
         )
 
 
-class Attention(nn.Module):
+class Attention(Module):
     """Under tensor parallelism each rank runs its own KV heads and the query heads that read
     them (GQA groups stay whole: 3 KV heads over 2 ranks give 2 and 1), or a share of one
     replicated KV head's queries where the KV heads are fewer than the ranks."""
@@ -97,7 +97,7 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-class MLP(nn.Module):
+class MLP(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         ffn = cfg.intermediate_size
@@ -108,7 +108,7 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
@@ -137,7 +137,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(Module):
     """Also Qwen2ForCausalLM and Qwen3ForCausalLM: the differences are flags in ModelConfig."""
 
     packs_weights = True  # every weight goes through linear() or the embedding: see pack_linears

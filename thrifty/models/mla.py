@@ -23,7 +23,7 @@ from thrifty import distributed, kernels
 from thrifty.config import ModelConfig
 from thrifty.distributed import Shard
 from thrifty.models.attention import get_context
-from thrifty.models.layers import Linear, RMSNorm, RotaryEmbedding, yarn_mscale
+from thrifty.models.layers import Linear, Module, RMSNorm, RotaryEmbedding, yarn_mscale
 from thrifty.models.parallel import ColumnParallelLinear, RowParallelLinear
 
 # DeepSeek's reference code (and transformers) build the two low-rank norms with the RMSNorm
@@ -31,7 +31,7 @@ from thrifty.models.parallel import ColumnParallelLinear, RowParallelLinear
 LORA_NORM_EPS = 1e-6
 
 
-class KVUpProjection(nn.Module):
+class KVUpProjection(Module):
     """kv_b_proj: latent -> per-head k_nope and v. The absorbed form reads its weight as per-head
     matrices, so it keeps the checkpoint's layout (it is not a Linear, which may be packed).
     Under tensor parallelism it keeps its rank's heads, as q_b_proj does."""
@@ -45,7 +45,7 @@ class KVUpProjection(nn.Module):
         return F.linear(x, self.weight)
 
 
-class MLAttention(nn.Module):
+class MLAttention(Module):
     """Under tensor parallelism each rank runs its own heads; the latent (kv_a_proj_with_mqa)
     is computed, and cached, whole on every rank, since every head reads all of it."""
 

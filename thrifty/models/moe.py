@@ -19,11 +19,11 @@ from torch import nn
 
 from thrifty import distributed
 from thrifty.config import MoEConfig
-from thrifty.models.layers import Linear
+from thrifty.models.layers import Linear, Module
 from thrifty.models.parallel import ColumnParallelLinear, RowParallelLinear
 
 
-class Expert(nn.Module):
+class Expert(Module):
     """A SwiGLU MLP; gate and up are stored merged (the loader's `packed_modules`).
 
     `tensor_parallel`: split across the ranks (a dense MLP, the shared experts); a routed expert
@@ -45,7 +45,7 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class Router(nn.Module):
+class Router(Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -119,7 +119,7 @@ def naive_experts(
     return out
 
 
-class RemoteExpert(nn.Module):
+class RemoteExpert(Module):
     """The place of an expert held by another rank: no weights (the loader skips its tensors)."""
 
     remote = True
@@ -165,7 +165,7 @@ def expert_owner(expert: torch.Tensor, num_experts: int, world: int) -> torch.Te
     return torch.where(expert < cut, expert // (base + 1), extra + (expert - cut) // max(base, 1))
 
 
-class MoE(nn.Module):
+class MoE(Module):
     """Under expert parallelism this rank builds only its experts; the shared experts are
     split by tensor parallelism like a dense MLP."""
 
