@@ -216,7 +216,7 @@ def kernels(args: argparse.Namespace) -> None:
     import torch
 
     from thrifty import hub
-    from thrifty.config import ModelConfig
+    from thrifty.config import ModelConfig, resolve_dtype
     from thrifty.kernels import ggml as ggml_kernels
     from thrifty.loader.weights import load_model
     from thrifty.models.layers import Linear
@@ -226,7 +226,9 @@ def kernels(args: argparse.Namespace) -> None:
     print(f"threads {THREADS}, load average {os.getloadavg()[0]:.1f}")
     for key in args.models.split(","):
         path = hub.resolve(MODELS[key], progress=False)
-        model = load_model(path, ModelConfig.from_dir(path), dtype=torch.bfloat16)
+        dtype = resolve_dtype("auto", path, "cpu")  # x as `thrifty run` has it on this CPU
+        print(f"\n{key}: x in {dtype}, kernels {ggml_kernels.kernel().name}")
+        model = load_model(path, ModelConfig.from_dir(path), dtype=dtype)
         shapes: dict[tuple, list] = {}
         for m in model.modules():
             if isinstance(m, Linear) and m.weight_scale_inv is not None:
@@ -238,7 +240,7 @@ def kernels(args: argparse.Namespace) -> None:
             print("| format | N x K | weights | MiB each | us each | GB/s |")
             print("|---|---|---|---|---|---|")
             for (fmt, group, n, k), ws in sorted(shapes.items(), key=lambda kv: -len(kv[1])):
-                x = torch.randn(1, k, dtype=torch.bfloat16)
+                x = torch.randn(1, k, dtype=dtype)
                 nbytes = sum(w.numel() * w.element_size() + 4 * s.numel() for w, s in ws)
 
                 def sweep(x=x, ws=ws):
@@ -256,8 +258,8 @@ def kernels(args: argparse.Namespace) -> None:
             print("|---|---|---|---|---|")
             for (fmt, group, n, k), ws in sorted(shapes.items(), key=lambda kv: -len(kv[1])):
                 w, s = ws[0]
-                for rows in (1, 4, 8, 16, 32, 64):
-                    x = torch.randn(rows, k, dtype=torch.bfloat16)
+                for rows in (1, 4, 8, 12, 16, 24, 32, 64):
+                    x = torch.randn(rows, k, dtype=dtype)
                     a = _median_s(lambda x=x, w=w, s=s: ggml_kernels.gemv(x, w, s), args.reps)
                     b = _median_s(lambda x=x, w=w, s=s: ggml_kernels.gemm(x, w, s), args.reps)
                     us = f"{a * 1e6:.0f} | {b * 1e6:.0f}"

@@ -1,6 +1,6 @@
 """GGUF-quantized (q4 / q5 / q8) linear on the CPU, compiled on first use (csrc/ggml_gemv.cpp).
 
-Up to MAX_ROWS rows of x a GEMV that reads the quantized bytes once and decodes them in
+Up to `max_rows()` rows of x a GEMV that reads the quantized bytes once and decodes them in
 registers; beyond, a panel of rows of the weight at a time dequantized into x's dtype for
 torch's matmul (oneDNN, with AMX on this Xeon). Both are held to
 `thrifty.quant.ggml.reference_linear` by tests/test_quant_gguf.py. Built for AVX-512 (F, BW, VL,
@@ -19,10 +19,6 @@ import torch.nn.functional as F
 
 from thrifty.kernels.build import CSRC, Kernel, cpu_has
 from thrifty.quant import ggml
-
-# Up to this many rows the GEMV beats dequantize + torch's matmul on every weight shape of SmolLM2
-# and Qwen2.5-0.5B; at 16 the matmul wins on most (benchmarks/gguf_native.py --crossover).
-MAX_ROWS = 8
 
 _FORMATS = {"q4": 0, "q5": 1, "q8": 2}
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
@@ -47,6 +43,13 @@ AVX2_KERNEL = Kernel(
 )
 
 
+# Up to this many rows of x the GEMV beats dequantize + torch's matmul, per build
+# (benchmarks/gguf_native.py --crossover): AVX-512 (bf16 x; oneDNN with AMX beyond) at 8, on
+# most weight shapes of SmolLM2 and Qwen2.5-0.5B; AVX2 (x rounded to int16; torch's float32
+# matmul beyond, at this 2-core EPYC's FMA peak) at 16 on most, at 24 on few.
+MAX_ROWS = {AVX512_KERNEL.name: 8, AVX2_KERNEL.name: 16}
+
+
 @functools.cache
 def kernel() -> Kernel:
     """The build this CPU runs: AVX-512 where it has it, else AVX2 (whose `load` warns and
@@ -56,6 +59,11 @@ def kernel() -> Kernel:
 
 def _extension() -> ModuleType | None:
     return kernel().load()
+
+
+def max_rows() -> int:
+    """The most rows of x this CPU's build sends to the GEMV."""
+    return MAX_ROWS[kernel().name]
 
 
 def available() -> bool:
@@ -73,7 +81,7 @@ def linear(
 def linear_kernel(
     weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`linear` for one weight, its format and kernels looked up once: the GEMV up to MAX_ROWS
+    """`linear` for one weight, its format and kernels looked up once: the GEMV up to max_rows()
     rows of x, the dequantizing GEMM beyond, the reference where the kernels cannot run."""
     if scale is None:
         raise ValueError(f"a GGUF-quantized weight {tuple(weight.shape)} needs its group scales")
@@ -82,7 +90,7 @@ def linear_kernel(
     if ext is None or not (weight.is_contiguous() and scale.is_contiguous()):
         return lambda x: ggml.reference_linear(x, weight, scale, bias)
     code, gemv, gemm = _FORMATS[fmt], ext.ggml_gemv, ext.ggml_gemm
-    max_numel = MAX_ROWS * ggml.in_features(weight, scale)
+    max_numel = max_rows() * ggml.in_features(weight, scale)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
