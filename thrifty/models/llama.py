@@ -7,6 +7,7 @@ stored merged (one matmul each), as the loader's `packed_modules` table says.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +35,6 @@ class Rope:
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return self.emb.rotate(x, self.cos, self.sin)
-
-    def fused_with(self, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        """Whether the compiled rope_store_kv can take this step's q/k/v and cache."""
-        return (
-            qkv.device.type == "cpu"
-            and qkv.dtype in (torch.float32, torch.bfloat16)
-            and qkv.dtype == k_cache.dtype
-            and qkv.stride(-1) == 1
-            and kernels.cpu_ops_available()
-        )
 
 
 class Attention(Module):
@@ -82,13 +73,6 @@ class Attention(Module):
         if self.qk_norm:
             q, k = qkv[:, : self.q_size].view(n, h, d), qkv[:, self.q_size : -self.kv_size]
             q, k = rope.rotate(self.q_norm(q)), rope.rotate(self.k_norm(k.view(n, hkv, d)))
-        elif rope.fused_with(qkv, self.k_cache):
-            # One pass over the fused output: q and k rotated, k and v stored in the cache.
-            slots = get_context().slot_mapping
-            q = kernels.rope_store_kv(
-                qkv, rope.cos, rope.sin, self.k_cache, self.v_cache, slots, h, hkv
-            )
-            return self.o_proj(attend_cached(q, self.k_cache, self.v_cache, self.scale))
         else:
             # q and k sit side by side in the fused output: rotate them as one (N, H + Hkv, D).
             qk = rope.rotate(qkv[:, : self.q_size + self.kv_size].view(n, h + hkv, d))
@@ -129,6 +113,65 @@ class DecoderLayer(Module):
         return self.mlp(x), residual
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledLayer:
+    """One decoder layer as the compiled CPU ops see it: its weights, bound kernels and cache,
+    looked up once. A decode step of SmolLM2 spends about 1.2 ms (of some 9) in Python when it
+    walks the modules (attribute lookups, dtype and device checks, a dozen calls a layer);
+    `run_compiled` walks these instead (benchmarks/decode_step.py)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    o: Callable[[torch.Tensor], torch.Tensor]  # all-reduces under tensor parallelism
+    gate_up: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor], torch.Tensor]  # all-reduces under tensor parallelism
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    scale: float
+
+    @staticmethod
+    def of(layer: DecoderLayer) -> CompiledLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def bound(linear):  # a row-parallel layer's forward all-reduces: keep it
+            return linear.forward if distributed.world_size() > 1 else linear.bound_kernel()
+
+        return CompiledLayer(
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+            layer.input_layernorm.eps, attn.qkv_proj.bound_kernel(), bound(attn.o_proj),
+            mlp.gate_up_proj.bound_kernel(), bound(mlp.down_proj), attn.k_cache, attn.v_cache,
+            attn.num_heads, attn.num_kv_heads, attn.scale,
+        )  # fmt: skip
+
+
+def run_compiled(
+    layers: list[CompiledLayer], x: torch.Tensor, rope: Rope
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DecoderLayer.forward over every layer, in the compiled CPU ops: per layer the residual
+    add fused into each norm, q and k rotated and k, v stored in one pass over the fused qkv,
+    attention read from the cache. Returns (the last MLP output, the residual stream)."""
+    slots = get_context().slot_mapping
+    residual = None
+    for layer in layers:
+        if residual is None:
+            residual, x = x, kernels.rms_norm(x, layer.input_norm, layer.eps)
+        else:
+            x = kernels.add_rms_norm(x, residual, layer.input_norm, layer.eps)
+        k_cache, v_cache = layer.k_cache, layer.v_cache
+        qkv = layer.qkv(x)
+        q = kernels.rope_store_kv(
+            qkv, rope.cos, rope.sin, k_cache, v_cache, slots, layer.num_heads, layer.num_kv_heads
+        )
+        attn = layer.o(attend_cached(q, k_cache, v_cache, layer.scale))
+        x = kernels.add_rms_norm(attn, residual, layer.post_norm, layer.eps)
+        x = layer.down(kernels.silu_and_mul(layer.gate_up(x)))
+    return x, residual  # type: ignore[return-value]
+
+
 class LlamaModel(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -166,10 +209,37 @@ class LlamaForCausalLM(Module):
         """Hidden states (N, hidden) for N new tokens of the batch in the forward context."""
         x = self.model.embed_tokens(input_ids)
         rope = Rope(self.rotary_emb, *self.rotary_emb.cos_sin(positions, x.dtype))
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, rope)
+        compiled = self.compiled_layers(x)
+        if compiled is not None:
+            x, residual = run_compiled(compiled, x, rope)
+        else:
+            residual = None
+            for layer in self.model.layers:
+                x, residual = layer(x, residual, rope)
         return self.model.norm(x, residual)[0]
+
+    def compiled_layers(self, x: torch.Tensor) -> list[CompiledLayer] | None:
+        """The layers bound for `run_compiled` where this step's x and the caches can take the
+        compiled CPU ops (bound again when the KV cache or the weights change; Qwen3's q/k
+        norms have no fused op)."""
+        first = self.model.layers[0].self_attn
+        if (
+            self.config.qk_norm
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.dtype != first.k_cache.dtype
+            or not kernels.cpu_ops_available()
+        ):
+            return None
+        bound = self.__dict__.get("_compiled")
+        if (
+            bound is None
+            or bound[0].k_cache is not first.k_cache
+            or bound[0].qkv is not first.qkv_proj.bound_kernel()  # weights set anew since
+        ):
+            bound = [CompiledLayer.of(layer) for layer in self.model.layers]
+            self.__dict__["_compiled"] = bound
+        return bound
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
