@@ -46,7 +46,8 @@ AVX2_KERNEL = Kernel(
 # Up to this many rows of x the GEMV beats dequantize + torch's matmul, per build
 # (benchmarks/gguf_native.py --crossover): AVX-512 (bf16 x; oneDNN with AMX beyond) at 8, on
 # most weight shapes of SmolLM2 and Qwen2.5-0.5B; AVX2 (x rounded to int16; torch's float32
-# matmul beyond, at this 2-core EPYC's FMA peak) at 16 on most, at 24 on few.
+# matmul beyond, at this 2-core EPYC's FMA peak) at 16 on 9 of 12 shapes
+# (benchmarks/results/gguf_crossover_avx2.md).
 MAX_ROWS = {AVX512_KERNEL.name: 8, AVX2_KERNEL.name: 16}
 
 
