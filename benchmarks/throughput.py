@@ -240,14 +240,15 @@ def render(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Medians of {plan['reps']} runs, (min–max) in brackets. Prefill: one prompt of"
+        f"Medians of {plan['reps']} runs, (min–max) in brackets; the engines take turns, one run"
+        " of each after another, each run a fresh process. Prefill: one prompt of"
         f" {plan['prefill_len']} tokens, tokens / time to first token. Decode: greedy, EOS ignored,"
         f" {plan['max_tokens']} tokens per sequence after {plan['decode_prompt_len']}-token"
         " prompts, b different prompts submitted together; tokens generated after every"
         " sequence had its first token / that wall time (aggregate over the batch). Load: the"
         " median of the loads after one untimed load, from thrifty's conversion cache, in a"
-        " process of its own. Peak RSS: ru_maxrss of a fresh process that loads the engine once"
-        " (after load) and then runs every measurement above (largest batch included).",
+        " process of its own. Peak RSS: the largest ru_maxrss of the run processes, each loading"
+        " the engine once (after load) and running one repetition of every measurement above.",
         "thrifty runs the GGUF's own Q4_1 and Q8_0 weights natively (the dtype shown is its"
         " activations'); transformers dequantizes the same GGUF into the dtype shown and uses"
         f" `generate` with {ATTN_IMPLEMENTATION} attention and its dynamic cache. llama.cpp runs"
@@ -334,11 +335,10 @@ def main() -> None:
 
     if not jobs:
         sys.exit("nothing to run")
-    rows = []
+    specs = {}
     for engine, dtype in jobs:
-        print(f"running {engine} {dtype} ...", file=sys.stderr, flush=True)
         llama = engine == "llama.cpp"
-        spec = {
+        specs[engine, dtype] = {
             "engine": engine,
             "dtype": DTYPES.get(dtype, dtype),
             "plan": dataclasses.asdict(plan),
@@ -346,23 +346,54 @@ def main() -> None:
             "prompts": prompts,
             "hf_dir": str(hf_dir),
             "gguf": str(gguf),
+            "python": args.llama_cpp_python if llama else sys.executable,
         }
-        python = args.llama_cpp_python if llama else sys.executable
+    raws: dict[tuple[str, str], dict] = {}
+    samples: dict[tuple[str, str], list[float]] = {job: [] for job in jobs}
+    walls = dict.fromkeys(jobs, 0.0)
+
+    def child(job: tuple[str, str], spec: dict) -> dict:
         t = time.perf_counter()
         with LoadMonitor() as load:
-            raw = run_child(python, {**spec, "mode": "load"})
-            if "error" not in raw:
-                raw |= run_child(python, {**spec, "mode": "run"})
-        raw["wall_s"] = time.perf_counter() - t
-        raw["load_average"] = load.summary()
-        print(
-            f"  done in {raw['wall_s']:.0f} s, load average {raw['load_average']['mean']:.1f}"
-            f" (max {raw['load_average']['max']:.1f})",
-            file=sys.stderr,
-            flush=True,
-        )
+            out = run_child(spec["python"], spec)
+        walls[job] += time.perf_counter() - t
+        samples[job] += load.samples
+        return out
+
+    for job, spec in specs.items():  # load times first, each engine in its own process
+        print(f"loading {' '.join(job)} ...", file=sys.stderr, flush=True)
+        raws[job] = child(job, {**spec, "mode": "load"})
+    # Then the runs take turns, one repetition of every engine after another, so that the
+    # machine's drift falls on all of them alike; each run is a fresh process.
+    for rep in range(plan.reps):
+        for job, spec in specs.items():
+            raw = raws[job]
+            if "error" in raw:
+                continue
+            print(f"run {rep + 1}/{plan.reps}: {' '.join(job)} ...", file=sys.stderr, flush=True)
+            one = {
+                **prompts,
+                "prefill": prompts["prefill"][rep : rep + 1],
+                "decode": {b: runs[rep : rep + 1] for b, runs in prompts["decode"].items()},
+            }
+            out = child(job, {**spec, "mode": "run", "prompts": one})
+            if "error" in out:
+                raws[job] = out
+                continue
+            for key in ("max_rss_after_load_mib", "max_rss_mib"):
+                raw[key] = max(raw.get(key, 0.0), out[key])
+            raw.setdefault("greedy_sample", out["greedy_sample"])
+            raw.setdefault("prefill_tokens_per_s", []).extend(out["prefill_tokens_per_s"])
+            for b, runs in out["decode"].items():
+                raw.setdefault("decode", {}).setdefault(b, []).extend(runs)
+    rows = []
+    for job in jobs:
+        raw = raws[job]
+        raw["wall_s"] = walls[job]
+        raw["load_average"] = {"mean": statistics.fmean(samples[job]), "max": max(samples[job])}
         if "error" in raw:
-            print(f"  {engine} {dtype} failed:\n{raw['stderr']}", file=sys.stderr)
+            print(f"  {' '.join(job)} failed:\n{raw['stderr']}", file=sys.stderr)
+        engine, dtype = job
         rows.append({"engine": engine, "weights": dtype, "summary": summarize(raw), "raw": raw})
 
     def version(dist: str) -> str | None:
