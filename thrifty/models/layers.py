@@ -117,6 +117,12 @@ class Linear(Module):
             self.__dict__["_kernel"] = kernel
         return kernel
 
+    def output_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What computes this layer's output, for a caller that binds it once: the bound
+        kernel, or the forward an instance swapped in (a row-parallel layer's, which
+        all-reduces under tensor parallelism)."""
+        return self.__dict__.get("forward") or self.bound_kernel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bound_kernel()(x)
 
@@ -173,9 +179,7 @@ class RMSNorm(Module):
         """RMSNorm(x); or, given the residual stream, (RMSNorm(residual + x), residual + x) with
         the residual updated in place (the add before each norm of a pre-norm transformer)."""
         # On the CPU torch's rms_norm is six ops; the compiled one is a single pass.
-        compiled = (
-            x.device.type == "cpu" and x.dtype in _CPU_OPS_DTYPES and kernels.cpu_ops_available()
-        )
+        compiled = cpu_ops_take(x)
         if residual is None:
             if compiled:
                 return kernels.rms_norm(x, self.weight, self.eps)
@@ -186,12 +190,19 @@ class RMSNorm(Module):
         return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual
 
 
-_CPU_OPS_DTYPES = (torch.float32, torch.bfloat16)
+def cpu_ops_take(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU ops (csrc/cpu_ops.cpp: norms, rope, SiLU, the KV store and
+    decode attention) take x: float32 or bfloat16 on the CPU, with the ops built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and kernels.cpu_ops_available()
+    )
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] on the last dim: the SwiGLU of the MLPs."""
-    if x.device.type == "cpu" and x.dtype in _CPU_OPS_DTYPES and kernels.cpu_ops_available():
+    if cpu_ops_take(x):
         return kernels.silu_and_mul(x)  # one pass instead of chunk, silu, mul
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -293,13 +304,7 @@ class RotaryEmbedding(Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x of shape (N, heads, head_dim) by angles from `cos_sin`."""
-        if (
-            x.device.type == "cpu"
-            and x.dim() == 3
-            and x.stride(-1) == 1
-            and x.dtype in _CPU_OPS_DTYPES
-            and kernels.cpu_ops_available()
-        ):
+        if x.dim() == 3 and x.stride(-1) == 1 and cpu_ops_take(x):
             return kernels.rope(x, cos, sin)  # one pass instead of a dozen ops
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         x1, x2 = rot.chunk(2, dim=-1)

@@ -16,7 +16,7 @@ from torch import nn
 from thrifty import distributed, kernels
 from thrifty.config import ModelConfig
 from thrifty.models.attention import attend_cached, get_context, paged_attention
-from thrifty.models.layers import Module, RMSNorm, RotaryEmbedding, silu_and_mul
+from thrifty.models.layers import Module, RMSNorm, RotaryEmbedding, cpu_ops_take, silu_and_mul
 from thrifty.models.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -136,14 +136,10 @@ class CompiledLayer:
     @staticmethod
     def of(layer: DecoderLayer) -> CompiledLayer:
         attn, mlp = layer.self_attn, layer.mlp
-
-        def bound(linear):  # a row-parallel layer's forward all-reduces: keep it
-            return linear.forward if distributed.world_size() > 1 else linear.bound_kernel()
-
         return CompiledLayer(
             layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-            layer.input_layernorm.eps, attn.qkv_proj.bound_kernel(), bound(attn.o_proj),
-            mlp.gate_up_proj.bound_kernel(), bound(mlp.down_proj), attn.k_cache, attn.v_cache,
+            layer.input_layernorm.eps, attn.qkv_proj.output_fn(), attn.o_proj.output_fn(),
+            mlp.gate_up_proj.output_fn(), mlp.down_proj.output_fn(), attn.k_cache, attn.v_cache,
             attn.num_heads, attn.num_kv_heads, attn.scale,
         )  # fmt: skip
 
@@ -223,13 +219,7 @@ class LlamaForCausalLM(Module):
         compiled CPU ops (bound again when the KV cache or the weights change; Qwen3's q/k
         norms have no fused op)."""
         first = self.model.layers[0].self_attn
-        if (
-            self.config.qk_norm
-            or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.bfloat16)
-            or x.dtype != first.k_cache.dtype
-            or not kernels.cpu_ops_available()
-        ):
+        if self.config.qk_norm or x.dtype != first.k_cache.dtype or not cpu_ops_take(x):
             return None
         bound = self.__dict__.get("_compiled")
         if (
