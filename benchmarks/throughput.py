@@ -144,9 +144,6 @@ class LoadMonitor:
         self._stop.set()
         self._thread.join()
 
-    def summary(self) -> dict:
-        return {"mean": statistics.fmean(self.samples), "max": max(self.samples)}
-
 
 def machine() -> dict:
     cpu = platform.processor()
