@@ -198,6 +198,12 @@ BAD = {
         lambda t, c: t["model.layers.0.mlp.up_proj.weight_scale_inv"].__setitem__((1, 1), math.nan),
         r"'model.layers.0.mlp.up_proj.weight_scale_inv' holds nan at block \(1, 1\)",
     ),
+    "NaN weight": (
+        lambda t, c: (
+            t["model.layers.1.self_attn.o_proj.weight"].view(torch.uint8).__setitem__((2, 3), 0xFF)
+        ),
+        r"'model.layers.1.self_attn.o_proj.weight' holds NaN at \(2, 3\) \(1 of ",
+    ),
     "unsupported fmt": (
         lambda t, c: c["quantization_config"].update(fmt="e5m2"),
         r"quantization_config.fmt 'e5m2'",

@@ -99,7 +99,7 @@ SAMPLING = Kernel("thrifty_sampling", CSRC / "sampling.cpp", _ATTENTION_CFLAGS, 
 def _all_kernels() -> tuple[Kernel, ...]:
     from thrifty.kernels import fp8, ggml  # they import this module
 
-    return (BF16, AMX, CPU_OPS, SAMPLING, fp8.KERNEL, ggml.kernel())
+    return (BF16, AMX, CPU_OPS, SAMPLING, fp8.kernel(), ggml.kernel())
 
 
 def prepare(announce: Callable[[str], None]) -> str:

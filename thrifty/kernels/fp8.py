@@ -4,12 +4,14 @@ A bf16 model's FP8 weights are packed at load (`pack`: panels of 16 rows, csrc/f
 and `packed_linear` runs them: up to `amx_min_rows()` rows of x an AVX-512 BF16 GEMV that
 turns each byte into bf16 with two shifts and a mask and streams the weight once; from there,
 on CPUs with AMX, panels dequantized to bf16 on the tiles. Weights that cannot be packed (rows
-not a multiple of 16, columns not of 4) and float32 models keep the checkpoint's layout and go
-to `fp8_linear` (csrc/fp8_gemm.cpp): up to MAX_ROWS a GEMV with byte lookups, beyond, a panel at a
-time dequantized into x's dtype for torch's matmul. All are held to
-`thrifty.quant.fp8.reference_linear` by tests/test_fp8_kernels.py. Needs AVX-512 with BF16 (and
-VBMI for the unpacked GEMV); elsewhere, or if a build fails, `available()` is False and the
-caller uses the reference.
+not a multiple of 16, columns not of 4), float32 models and CPUs without AVX-512 keep the
+checkpoint's layout and go to `fp8_linear`: up to `max_rows()` rows of x a GEMV that reads the
+weight once, beyond, a panel at a time dequantized for torch's matmul. That kernel has two
+builds, chosen once from the CPU's features: AVX-512 (csrc/fp8_gemm.cpp: byte lookups, BF16
+dot products, bf16 x) and AVX2 + FMA + F16C (csrc/fp8_avx2.cpp: each byte made a half-precision
+number with a shift and a mask, float32 sums, float32 or bf16 x). All are held to
+`thrifty.quant.fp8.reference_linear` by tests/test_fp8_kernels.py. On CPUs with neither, or if
+a build fails, `available()` is False and the caller uses the reference.
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ import torch
 from thrifty.kernels.build import CSRC, Kernel, cpu_has
 from thrifty.quant import fp8
 
-# Up to this many rows the GEMV beats the panel path (benchmarks/fp8_kernels.py).
-MAX_ROWS = 8
-
 _CFLAGS = (
     "-O3",
     "-mavx512f",
@@ -36,6 +35,7 @@ _CFLAGS = (
     "-fopenmp",
 )
 _CPU_FLAGS = ("avx512_bf16", "avx512vbmi")
+_FALLBACK = "the torch reference (dequantizes the whole weight on every call)"
 
 
 def available() -> bool:
@@ -57,7 +57,7 @@ def fp8_linear(
     """
     ext = _extension()
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows <= MAX_ROWS and x.dtype == torch.bfloat16:
+    if rows <= max_rows() and (x.dtype == torch.bfloat16 or ext.gemv_float32):
         return ext.fp8_gemv(x, weight, scale, block_rows, bias)
     return ext.fp8_gemm(x, weight, scale, block_rows, bias)
 
@@ -69,17 +69,36 @@ def dequantize(
     return _extension().fp8_dequantize(weight, scale, block_rows, dtype)
 
 
-def _extension() -> ModuleType | None:
-    return KERNEL.load()
-
-
 KERNEL = Kernel(
-    "thrifty_fp8_gemm",
-    CSRC / "fp8_gemm.cpp",
-    _CFLAGS,
-    "the torch reference (dequantizes the whole weight on every call)",
-    lambda: cpu_has(_CPU_FLAGS),
+    "thrifty_fp8_gemm", CSRC / "fp8_gemm.cpp", _CFLAGS, _FALLBACK, lambda: cpu_has(_CPU_FLAGS)
 )
+AVX2_KERNEL = Kernel(
+    "thrifty_fp8_avx2",
+    CSRC / "fp8_avx2.cpp",
+    ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"),
+    _FALLBACK,
+    lambda: cpu_has(("avx2", "fma", "f16c")),
+)
+# Up to this many rows of x the GEMV beats the panel path, per build (benchmarks/fp8_kernels.py).
+MAX_ROWS = {KERNEL.name: 8, AVX2_KERNEL.name: 16}
+
+
+@functools.cache
+def kernel() -> Kernel:
+    """The build of `fp8_linear` this CPU runs: AVX-512 where it has BF16 and VBMI, else AVX2
+    (whose `load` warns and returns None on a CPU without it)."""
+    return KERNEL if KERNEL.supported() else AVX2_KERNEL
+
+
+def max_rows() -> int:
+    """The most rows of x this CPU's build sends to the GEMV."""
+    return MAX_ROWS[kernel().name]
+
+
+def _extension() -> ModuleType | None:
+    return kernel().load()
+
+
 PACKED = Kernel(
     "thrifty_fp8_packed",
     CSRC / "fp8_packed.cpp",

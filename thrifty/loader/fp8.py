@@ -2,11 +2,11 @@
 
 A native FP8 checkpoint stores `<module>.weight` as float8_e4m3fn beside
 `<module>.weight_scale_inv` (float32, one per 128x128 block). Those pairs are kept aside while
-the other tensors load, checked (a missing, mis-shaped, NaN or non-positive scale is refused by
-name), merged where the model stacks shards (q/k/v, gate/up) and attached to their Linear module
-as `weight` + `weight_scale_inv`. With `quantize` set, every other Linear weight (not embeddings,
-norms, router gates or lm_head, which are not Linear or are excluded by name) is quantized after
-its shards are merged.
+the other tensors load, checked (a weight holding NaN, a missing, mis-shaped, NaN or
+non-positive scale is refused by name), merged where the model stacks shards (q/k/v, gate/up)
+and attached to their Linear module as `weight` + `weight_scale_inv`. With `quantize` set,
+every other Linear weight (not embeddings, norms, router gates or lm_head, which are not Linear
+or are excluded by name) is quantized after its shards are merged.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Fp8Weights:
                 continue
             pairs = []
             for _, (name, w) in sorted(parts.items(), key=lambda kv: kv[0] or 0):
+                fp8.check_weight(name, w)
                 scale = fp8.check_scale(name, w, self.scales.pop(name, None))
                 pairs.append((w, scale.to(self.device)))
             weight, scale = pairs[0] if len(pairs) == 1 else fp8.merge(pairs, self.scale_fmt)

@@ -150,6 +150,18 @@ def reference_linear(
     return F.linear(x.float(), w, b).to(x.dtype)
 
 
+def check_weight(name: str, weight: torch.Tensor) -> None:
+    """Refuse fp8 tensor `name` if it holds E4M3's NaN (bytes 0x7F, 0xFF): no quantizer writes
+    one, a model holding one computes NaN, and the compiled kernels read those bytes as numbers."""
+    nan = (weight.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        i, j = (int(v) for v in nan.nonzero()[0])
+        raise ThriftyError(
+            f"fp8 tensor {name!r} holds NaN at ({i}, {j}) ({int(nan.sum())} of {nan.numel()} "
+            "values)"
+        )
+
+
 def check_scale(name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """The checkpoint's scale for fp8 tensor `name`, as float32; refuses a bad one by name."""
     scale_name = name + SCALE_SUFFIX

@@ -23,10 +23,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fp8_check.h"
+
 namespace {
 
+using thrifty_fp8::kBlockK;
 constexpr int kTile = 16;
-constexpr int kBlockK = 128;
 constexpr int64_t kGrainBytes = 32 << 10;  // below this much W per thread, stay on one thread
 constexpr int64_t kPanelRows = 256;        // rows of W dequantized at a time for large M
 
@@ -253,34 +255,10 @@ void dequant_rows(const uint8_t* w, const float* scale, int64_t block_rows, int6
   });
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-           int64_t block_rows, const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu() && scale.device().is_cpu(),
-                    "fp8_linear: CPU tensors only");
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat8_e4m3fn && weight.dim() == 2 &&
-                        weight.is_contiguous(),
-                    "fp8_linear: weight must be a contiguous float8_e4m3fn (out, in) matrix");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "fp8_linear: x is ", x.sizes(),
-                    " but weight is ", weight.sizes());
-  TORCH_CHECK_VALUE(block_rows == 16 || block_rows == 32 || block_rows == 64 || block_rows == 128,
-                    "fp8_linear: block_rows must be 16, 32, 64 or 128");
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
-                        scale.size(0) == (N + block_rows - 1) / block_rows &&
-                        scale.size(1) == (K + kBlockK - 1) / kBlockK,
-                    "fp8_linear: scale must be contiguous float32 of shape (ceil(N / block_rows), "
-                    "ceil(K / 128)), got ", scale.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
-                          bias->size(0) == N && bias->is_contiguous() && bias->device().is_cpu(),
-                      "fp8_linear: bias must be a contiguous vector of out_features in x's dtype");
-  }
-}
-
 torch::Tensor fp8_gemv(const torch::Tensor& x, const torch::Tensor& weight,
                        const torch::Tensor& scale, int64_t block_rows,
                        const std::optional<torch::Tensor>& bias) {
-  check(x, weight, scale, block_rows, bias);
+  thrifty_fp8::check(x, weight, scale, block_rows, bias);
   TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16, "fp8_gemv: x must be bfloat16");
   const int64_t N = weight.size(0), K = weight.size(1);
   const torch::Tensor x2 = x.reshape({-1, K}).contiguous();
@@ -309,7 +287,7 @@ torch::Tensor fp8_gemv(const torch::Tensor& x, const torch::Tensor& weight,
 
 torch::Tensor fp8_dequantize(const torch::Tensor& weight, const torch::Tensor& scale,
                              int64_t block_rows, at::ScalarType dtype) {
-  check(torch::empty({weight.size(1)}), weight, scale, block_rows, std::nullopt);
+  thrifty_fp8::check(torch::empty({weight.size(1)}), weight, scale, block_rows, std::nullopt);
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
                     "fp8_dequantize: dtype must be float32 or bfloat16");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -332,7 +310,7 @@ torch::Tensor fp8_dequantize(const torch::Tensor& weight, const torch::Tensor& s
 torch::Tensor fp8_gemm(const torch::Tensor& x, const torch::Tensor& weight,
                        const torch::Tensor& scale, int64_t block_rows,
                        const std::optional<torch::Tensor>& bias) {
-  check(x, weight, scale, block_rows, bias);
+  thrifty_fp8::check(x, weight, scale, block_rows, bias);
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                     "fp8_gemm: x must be float32 or bfloat16");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -375,4 +353,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_gemv", &fp8_gemv, "y = x @ (W * S)^T + b, bf16 x with few rows, scales in-kernel");
   m.def("fp8_gemm", &fp8_gemm, "y = x @ (W * S)^T + b, a dequantized panel of W at a time");
   m.def("fp8_dequantize", &fp8_dequantize, "W * S in float32 or bf16");
+  m.attr("gemv_float32") = false;  // the GEMV takes bf16 x only
 }

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gemv_tiles.h"
 #include "vec16.h"
 
 namespace {
@@ -36,7 +37,6 @@ namespace V = thrifty_vec;
 
 enum Format : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2 };
 
-constexpr int kTile = 16;
 constexpr int kMaxMB = 8;  // rows of x per pass over a tile of W: each group decoded once for them
 #ifndef KAHEAD
 #define KAHEAD 2048
@@ -134,29 +134,6 @@ inline void row_dot(const Layout& L, const uint8_t* row, const float* drow, cons
   }
 }
 
-inline V::f16v load16(const float* p, V::mask16 k) { return V::load(p, k); }
-inline V::f16v load16(const at::BFloat16* p, V::mask16 k) {
-  alignas(64) float t[16];
-  for (int i = 0; i < 16; ++i) t[i] = k >> i & 1 ? static_cast<float>(p[i]) : 0.f;
-  return V::load(t);
-}
-
-template <typename T>
-inline void store16(T* out, V::f16v v, V::mask16 k) {
-  if constexpr (std::is_same_v<T, float>) {
-    V::store(out, v, k);
-  } else {
-#if defined(__AVX512BF16__)
-    _mm256_mask_storeu_epi16(out, k, (__m256i)_mm512_cvtneps_pbh(v));
-#else
-    alignas(64) float t[16];
-    V::store(t, v, V::kAll);
-    for (int i = 0; i < 16; ++i)
-      if (k >> i & 1) out[i] = at::BFloat16(t[i]);  // round to nearest even, as cvtneps_pbh
-#endif
-  }
-}
-
 #if defined(__AVX512BF16__)
 // Few rows of x, bf16 (the model's dtype): q4 / q5 groups go through AVX-512 BF16 dot products,
 // each q turned into the bf16 number 128 + q by ORing 0x4300 into its 16-bit word (exact for
@@ -240,42 +217,10 @@ inline void row_dot_bf16(const Layout& L, const uint8_t* row, const float* drow,
 
 #endif  // __AVX512BF16__
 
-// Output rows in tiles of 16; `dot(n, m0, mb, out)` sets out[m] to 16 lanes whose sum is
-// y[m0 + m, n] without the bias.
-template <typename T, typename Dot>
-void gemv_tiles(const Layout& L, const T* bias, T* y, int64_t M, const Dot& dot) {
-  const int64_t n_tiles = (L.N + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, (16 << 10) / (kTile * L.row_bytes));
-  at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
-    alignas(64) V::f16v acc[kMaxMB][kTile];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTile;
-      const int rows = static_cast<int>(std::min<int64_t>(kTile, L.N - n0));
-      const V::mask16 k = V::first_lanes(rows);
-      const V::f16v b = bias ? load16(bias + n0, k) : V::zero();
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
-        for (int r = 0; r < kTile; ++r) {
-          V::f16v one[kMaxMB];
-          if (r < rows) {
-            dot(n0 + r, m0, mb, one);
-          } else {
-            for (int m = 0; m < mb; ++m) one[m] = V::zero();
-          }
-          for (int m = 0; m < mb; ++m) acc[m][r] = one[m];
-        }
-        for (int m = 0; m < mb; ++m) {
-          store16(y + (m0 + m) * L.N + n0, V::add(V::reduce16(acc[m]), b), k);
-        }
-      }
-    }
-  });
-}
-
 template <Format F, int C, typename T>
 void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, const float* scale,
           const T* bias, T* y, int64_t M) {
-  gemv_tiles(L, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
+  V::gemv_tiles<kMaxMB>(L.N, L.row_bytes, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
     const uint8_t* row = w + n * L.row_bytes;
     const float* xm = x + m0 * L.K;
     const float* xs = xsum + m0 * L.groups;
@@ -290,7 +235,7 @@ template <Format F>
 void gemv_bf16(const Layout& L, const uint16_t* xp, int64_t Kp, const float* xsum,
                const uint8_t* w, const float* scale, const at::BFloat16* bias, at::BFloat16* y,
                int64_t M) {
-  gemv_tiles(L, bias, y, M, [&](int64_t n, int64_t m0, int mb, __m512* out) {
+  V::gemv_tiles<kMaxMB>(L.N, L.row_bytes, bias, y, M, [&](int64_t n, int64_t m0, int mb, __m512* out) {
     const uint8_t* row = w + n * L.row_bytes;
     const uint16_t* xm = xp + m0 * Kp;
     const float* xs = xsum + m0 * L.groups;
@@ -314,7 +259,7 @@ void dequant_rows(const Layout& L, const uint8_t* w, const float* scale, int64_t
       const V::f16v d = V::set1(drow[g]);
       const V::f16v m = F == kQ8 ? V::zero() : V::set1(drow[L.groups + g]);
       for (int c = 0; c < C; ++c) {  // d q is exact: fma rounds once, as d q + m does
-        store16(o + g * 16 * C + 16 * c, V::fmadd(chunk<F, C>(row, g, c), d, m), V::kAll);
+        V::store16(o + g * 16 * C + 16 * c, V::fmadd(chunk<F, C>(row, g, c), d, m), V::kAll);
       }
     }
   }
@@ -522,7 +467,7 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
 template <Format F, typename T>
 void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* xsum,
               const uint8_t* w, const float* scale, const T* bias, T* y, int64_t M) {
-  gemv_tiles(L, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
+  V::gemv_tiles<kMaxMB>(L.N, L.row_bytes, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
     const uint8_t* row = w + n * L.row_bytes;
     const int16_t* xm = xq + m0 * L.K;
     const float* dm = dx + m0 * L.groups;

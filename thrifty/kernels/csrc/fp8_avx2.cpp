@@ -1,0 +1,248 @@
+// y = x @ (W * S)^T (+ b) for an FP8 (E4M3) weight W (N, K) in the checkpoint's layout with
+// float32 block scales S (one per block_rows x 128 block), float32 or bf16 x, on CPUs with AVX2,
+// FMA and F16C but no AVX-512 (the AVX-512 twins are fp8_gemm.cpp and fp8_packed.cpp).
+//
+// Decode, exact and without lookups: an E4M3 byte s.eeee.mmm, sign-extended to 16 bits, shifted
+// left by 7 and masked with 0xBF80 is the IEEE half s.0eeee.mmm0000000: E4M3's exponent field
+// under half's bias of 15 instead of 7, i.e. the value times 2^-8, subnormals included (both
+// formats put them at the same place). vcvtph2ps widens 8 halves to floats. The 2^8 goes into
+// the block scale, and the weight times its scale, (q 2^-8)(S 2^8), is the float32 product the
+// reference computes. Three integer ops and two conversions per 16 weights, amortized over the
+// rows of x.
+//
+// Few rows of x (decode): the weight's bytes are read once, output rows in tiles of 16, up to
+// kMaxMB rows of x per pass over a tile (gemv_tiles.h), x in float32. Many rows (prefill): a
+// panel of rows at a time is dequantized to float32 and handed to torch's float32 matmul (AVX2
+// has no faster bf16 one); the whole weight never is.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "fp8_check.h"
+#include "gemv_tiles.h"
+#include "vec16.h"
+
+namespace {
+
+namespace V = thrifty_vec;
+using thrifty_fp8::kBlockK;
+
+constexpr int kMaxMB = 4;  // 2 x 4 accumulators + the decoded weight fit AVX2's 16 registers
+constexpr int64_t kPanelRows = 256, kMinPanelRows = 32;  // rows dequantized at a time (prefill)
+// Bytes ahead of the ones decoded that are prefetched (the next rows of the tile follow).
+constexpr int64_t kAhead = 1024;
+
+// 16 E4M3 bytes -> 16 floats, each q * 2^-8.
+inline V::f16v decode16(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h =
+      _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(static_cast<short>(0xBF80)));
+  return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+          _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+}
+
+// The last len < 16 bytes of a row, zero-padded.
+inline V::f16v decode_tail(const uint8_t* p, int64_t len) {
+  alignas(16) uint8_t buf[16] = {};
+  std::memcpy(buf, p, len);
+  return decode16(buf);
+}
+
+struct Shape {
+  int64_t N, K, Kp, block_rows, SK;  // Kp: x's padded row stride; SK: scale blocks per row
+
+  const float* scales(const float* scale, int64_t n) const { return scale + (n / block_rows) * SK; }
+};
+
+// acc[m] (16 lanes whose sum is x[m] . (row * its scales)) for m < mb. x rows are Kp floats,
+// zero past K. One row of x: two accumulators (even and odd chunks) so the FMAs do not wait on
+// each other; more rows give independent chains of their own.
+template <int MB>
+inline void row_dot(const Shape& S, const uint8_t* row, const float* srow, const float* x,
+                    int mb, V::f16v* acc) {
+  constexpr int kChains = MB == 1 ? 2 : 1;
+  V::f16v a[kChains][MB];
+  for (int c = 0; c < kChains; ++c)
+    for (int m = 0; m < MB; ++m) a[c][m] = V::zero();
+  const int64_t full = S.K / 16 * 16;
+  int64_t k = 0;
+  for (int64_t kb = 0; kb < S.SK; ++kb) {
+    const V::f16v s = V::set1(srow[kb] * 256.f);
+    const int64_t end = std::min(full, (kb + 1) * kBlockK);
+    for (int j = 0; k < end; k += 16, ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + kAhead), _MM_HINT_T0);
+      const V::f16v w = V::mul(decode16(row + k), s);
+      for (int m = 0; m < MB; ++m) {
+        if (m >= mb) break;
+        V::f16v& t = a[kChains == 2 ? j & 1 : 0][m];
+        t = V::fmadd(w, V::load(x + m * S.Kp + k), t);
+      }
+    }
+  }
+  if (full < S.K) {  // the row's last K % 16 weights, in the last block
+    const V::f16v w = V::mul(decode_tail(row + full, S.K - full), V::set1(srow[S.SK - 1] * 256.f));
+    for (int m = 0; m < mb; ++m) a[0][m] = V::fmadd(w, V::load(x + m * S.Kp + full), a[0][m]);
+  }
+  for (int m = 0; m < mb; ++m) acc[m] = kChains == 2 ? V::add(a[0][m], a[kChains - 1][m]) : a[0][m];
+}
+
+// x (M, K) in float32 or bf16 -> float32 (M, Kp), zero past K.
+template <typename T>
+void widen_x(const T* x, int64_t M, int64_t K, int64_t Kp, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) out[m * Kp + k] = static_cast<float>(x[m * K + k]);
+    std::fill(out + m * Kp + K, out + (m + 1) * Kp, 0.f);
+  }
+}
+
+template <typename T>
+void gemv(const Shape& S, const float* x, const uint8_t* w, const float* scale, const T* bias,
+          T* y, int64_t M) {
+  V::gemv_tiles<kMaxMB>(S.N, S.K, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
+    const uint8_t* row = w + n * S.K;
+    const float* xm = x + m0 * S.Kp;
+    const float* srow = S.scales(scale, n);
+    switch (mb) {
+      case 1: return row_dot<1>(S, row, srow, xm, mb, out);
+      case 2: return row_dot<2>(S, row, srow, xm, mb, out);
+      default: return row_dot<4>(S, row, srow, xm, mb, out);
+    }
+  });
+}
+
+// Rows [n0, n1) of W * S -> out (n1 - n0, K) float32.
+void dequant_rows(const Shape& S, const uint8_t* w, const float* scale, int64_t n0, int64_t n1,
+                  float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * S.K;
+    const float* srow = S.scales(scale, n);
+    float* o = out + (n - n0) * S.K;
+    for (int64_t k = 0; k < S.K; k += 16) {
+      const int64_t len = std::min<int64_t>(16, S.K - k);
+      const V::f16v s = V::set1(srow[k / kBlockK] * 256.f);  // 16 columns lie in one block
+      const V::f16v v = V::mul(len == 16 ? decode16(row + k) : decode_tail(row + k, len), s);
+      V::store(o + k, v, V::first_lanes(len));
+    }
+  }
+}
+
+Shape shape_of(const torch::Tensor& weight, int64_t block_rows) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  return {N, K, (K + 15) / 16 * 16, block_rows, (K + kBlockK - 1) / kBlockK};
+}
+
+std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+void check_dtype(const torch::Tensor& x) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                    "fp8_linear: x must be float32 or bfloat16");
+}
+
+torch::Tensor fp8_gemv(const torch::Tensor& x, const torch::Tensor& weight,
+                       const torch::Tensor& scale, int64_t block_rows,
+                       const std::optional<torch::Tensor>& bias) {
+  thrifty_fp8::check(x, weight, scale, block_rows, bias);
+  check_dtype(x);
+  const Shape S = shape_of(weight, block_rows);
+  const torch::Tensor x2 = x.reshape({-1, S.K}).contiguous();
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, S.N}, x.options());
+  if (M == 0 || S.N == 0) return y.view(out_shape(x, S.N));
+  torch::Tensor xf;  // float32 x with rows of Kp: x itself where it already is
+  if (x2.scalar_type() == at::kFloat && S.Kp == S.K) {
+    xf = x2;
+  } else {
+    xf = torch::empty({M, S.Kp}, x.options().dtype(at::kFloat));
+    if (x2.scalar_type() == at::kFloat) {
+      widen_x(x2.data_ptr<float>(), M, S.K, S.Kp, xf.data_ptr<float>());
+    } else {
+      widen_x(reinterpret_cast<const at::BFloat16*>(x2.data_ptr()), M, S.K, S.Kp,
+              xf.data_ptr<float>());
+    }
+  }
+  auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  const float* sp = scale.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    gemv<float>(S, xf.data_ptr<float>(), wp, sp, bias ? bias->data_ptr<float>() : nullptr,
+                y.data_ptr<float>(), M);
+  } else {
+    gemv<at::BFloat16>(S, xf.data_ptr<float>(), wp, sp,
+                       bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr,
+                       reinterpret_cast<at::BFloat16*>(y.data_ptr()), M);
+  }
+  return y.view(out_shape(x, S.N));
+}
+
+// Large M: panels of rows of W, each dequantized to float32 by one thread and multiplied there
+// by torch's float32 matmul (single-threaded inside the parallel region); bf16 x is widened
+// once and the result rounded once.
+torch::Tensor fp8_gemm(const torch::Tensor& x, const torch::Tensor& weight,
+                       const torch::Tensor& scale, int64_t block_rows,
+                       const std::optional<torch::Tensor>& bias) {
+  thrifty_fp8::check(x, weight, scale, block_rows, bias);
+  check_dtype(x);
+  const Shape S = shape_of(weight, block_rows);
+  const torch::Tensor x2 = x.reshape({-1, S.K}).contiguous().to(at::kFloat);
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, S.N}, x2.options());
+  if (M == 0 || S.N == 0) return y.to(x.scalar_type()).view(out_shape(x, S.N));
+  const torch::Tensor b = bias.has_value() ? bias->to(at::kFloat) : torch::Tensor();
+  const int64_t per_thread = (S.N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t rows = std::clamp<int64_t>((per_thread + 15) / 16 * 16, kMinPanelRows, kPanelRows);
+  const int64_t n_panels = (S.N + rows - 1) / rows;
+  auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  const float* sp = scale.data_ptr<float>();
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: pass it on
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    c10::InferenceMode guard(inference);
+    torch::Tensor panel = torch::empty({std::min(S.N, rows), S.K}, x2.options());
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * rows, n1 = std::min(S.N, n0 + rows);
+      torch::Tensor w = panel.narrow(0, 0, n1 - n0);
+      dequant_rows(S, wp, sp, n0, n1, w.data_ptr<float>());
+      torch::Tensor out = y.narrow(1, n0, n1 - n0);
+      if (b.defined()) {
+        out.copy_(at::addmm(b.narrow(0, n0, n1 - n0), x2, w.t()));
+      } else {
+        out.copy_(at::mm(x2, w.t()));
+      }
+    }
+  });
+  return y.to(x.scalar_type()).view(out_shape(x, S.N));
+}
+
+torch::Tensor fp8_dequantize(const torch::Tensor& weight, const torch::Tensor& scale,
+                             int64_t block_rows, at::ScalarType dtype) {
+  thrifty_fp8::check(torch::empty({weight.size(1)}), weight, scale, block_rows, std::nullopt);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
+                    "fp8_dequantize: dtype must be float32 or bfloat16");
+  const Shape S = shape_of(weight, block_rows);
+  torch::Tensor out = torch::empty({S.N, S.K}, weight.options().dtype(at::kFloat));
+  if (S.N > 0 && S.K > 0) {
+    auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+    const float* sp = scale.data_ptr<float>();
+    at::parallel_for(0, S.N, std::max<int64_t>(1, (64 << 10) / S.K), [&](int64_t n0, int64_t n1) {
+      dequant_rows(S, wp, sp, n0, n1, out.data_ptr<float>() + n0 * S.K);
+    });
+  }
+  return out.to(dtype);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_gemv", &fp8_gemv, "y = x @ (W * S)^T + b, few rows of x, W read once");
+  m.def("fp8_gemm", &fp8_gemm, "y = x @ (W * S)^T + b, a dequantized panel of W at a time");
+  m.def("fp8_dequantize", &fp8_dequantize, "W * S in float32 or bf16");
+  m.attr("gemv_float32") = true;  // the GEMV takes float32 x as well as bf16
+}
