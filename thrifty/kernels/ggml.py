@@ -119,7 +119,8 @@ def gemv(
 
 def quantizes_x() -> bool:
     """Whether this CPU's GEMV rounds x to int16 per group of 32 before its integer dot products
-    (the AVX2 build); the AVX-512 build multiplies x as it is."""
+    (the AVX2 build, on every format where K is a multiple of 32); the AVX-512 build multiplies
+    x as it is."""
     ext = _extension()
     return bool(ext is not None and ext.quantizes_x)
 
@@ -139,9 +140,9 @@ def reference_gemv(
 ) -> torch.Tensor:
     """What `gemv` computes on this CPU, in torch: the dequantized float32 matmul, or where the
     GEMV quantizes x (groups of 32), sum_g d_g dx_g (q . qx) + m_g sum(x over g)."""
-    fmt, group = ggml.format_of(weight, scale)
-    if not (quantizes_x() and group == 32):
+    if not (quantizes_x() and x.shape[-1] % 32 == 0):  # q8 in groups of 16 too, when K allows
         return ggml.reference_linear(x, weight, scale, bias)
+    fmt, _ = ggml.format_of(weight, scale)
     qx, dx = reference_quantize_x(x)
     y = F.linear((qx * dx).flatten(-2), ggml.dequantize(weight, scale))
     if fmt != "q8":  # the offsets m meet x's own sums, not the rounded x's

@@ -422,24 +422,35 @@ inline __m256i dot_words(__m256i lo, __m256i hi, const int16_t* xq) {
   return _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
 }
 
-// As row_dot, on quantized x (xq (mb, K), dx (mb, groups)); the 8 lanes go in `lo`.
-template <Format F, int MB>
+// As row_dot, on quantized x (xq (mb, K); dx and xsum (mb, K / 32)); the 8 lanes go in `lo`.
+// G = 16 is q8 in groups of 16 (Q6_K): each group's 16 words meet 16 values of x, whose dx is
+// that of the group of 32 holding them; one madd instead of the float path's widening to 32 bits.
+template <Format F, int G, int MB>
 inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
                         const int16_t* xq, const float* dx, const float* xsum, int mb,
                         V::f16v* acc) {
-  constexpr int64_t kGroupBytes = F == kQ8 ? 32 : (F == kQ4 ? 16 : 20);
+  static_assert(G == 32 || F == kQ8, "groups of 16 are q8 only");
+  constexpr int64_t kGroupBytes = F == kQ8 ? G : (F == kQ4 ? 16 : 20);
+  const int64_t xgroups = L.K / 32;
   // Even and odd groups into two accumulators: one chain of FMAs would wait on its latency.
   __m256 a[MB], b[MB];
   for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm256_setzero_ps();
   auto step = [&](int64_t g, __m256* acc) {
     _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupBytes + kAhead), _MM_HINT_T0);
     __m256i lo, hi;  // decoded once for all mb rows of x
-    group_words<F>(row, g, lo, hi);
+    if constexpr (G == 16) {
+      lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16)));
+    } else {
+      group_words<F>(row, g, lo, hi);
+    }
     for (int m = 0; m < MB; ++m) {
       if (m >= mb) break;
-      const __m256i s = dot_words(lo, hi, xq + m * L.K + g * 32);
+      const int16_t* xg = xq + m * L.K + g * G;
+      const __m256i s =
+          G == 16 ? _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)))
+                  : dot_words(lo, hi, xg);
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
-                               _mm256_set1_ps(drow[g] * dx[m * L.groups + g]), acc[m]);
+                               _mm256_set1_ps(drow[g] * dx[m * xgroups + g * G / 32]), acc[m]);
     }
   };
   int64_t g = 0;
@@ -452,7 +463,7 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
     __m256 off = _mm256_setzero_ps();
     if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g), 8 groups a step
       const float* mrow = drow + L.groups;
-      const float* xs = xsum + m * L.groups;
+      const float* xs = xsum + m * xgroups;
       int64_t h = 0;
       for (; h + 8 <= L.groups; h += 8)
         off = _mm256_fmadd_ps(_mm256_loadu_ps(mrow + h), _mm256_loadu_ps(xs + h), off);
@@ -464,16 +475,16 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
   }
 }
 
-template <Format F, typename T>
+template <Format F, int G, typename T>
 void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* xsum,
               const uint8_t* w, const float* scale, const T* bias, T* y, int64_t M) {
   V::gemv_tiles<kMaxMB>(L.N, L.row_bytes, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
     const uint8_t* row = w + n * L.row_bytes;
     const int16_t* xm = xq + m0 * L.K;
-    const float* dm = dx + m0 * L.groups;
-    const float* xs = xsum + m0 * L.groups;
+    const float* dm = dx + m0 * (L.K / 32);
+    const float* xs = xsum + m0 * (L.K / 32);
     with_rows(mb, [&](auto rows) {
-      row_dot_i16<F, decltype(rows)::value>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
+      row_dot_i16<F, G, decltype(rows)::value>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
     });
   });
 }
@@ -534,7 +545,7 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
   }
 #endif
 #if !defined(__AVX512F__)
-  if (G == 32) {  // integer dot products on x rounded to int16 (see quantize_x)
+  if (G == 32 || L.K % 32 == 0) {  // integer dot products on x rounded to int16 (quantize_x)
     // One scratch allocation per call (the decode step makes ~100 of these calls): dx, then qx.
     torch::Tensor scratch = torch::empty({M * L.groups * 4 + M * L.K * 2}, x.options().dtype(at::kByte));
     auto dp = reinterpret_cast<float*>(scratch.data_ptr());
@@ -545,16 +556,18 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
       quantize_x(reinterpret_cast<const at::BFloat16*>(x2.data_ptr()), M, L.K, qp, dp, sp);
       auto bp = bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr;
       auto yp = reinterpret_cast<at::BFloat16*>(y.data_ptr());
-      if (fmt == kQ4) gemv_i16<kQ4>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else if (fmt == kQ5) gemv_i16<kQ5>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else gemv_i16<kQ8>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      if (fmt == kQ4) gemv_i16<kQ4, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      else if (fmt == kQ5) gemv_i16<kQ5, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      else if (G == 32) gemv_i16<kQ8, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      else gemv_i16<kQ8, 16>(L, qp, dp, sp, wp, sc, bp, yp, M);
     } else {
       quantize_x(x2.data_ptr<float>(), M, L.K, qp, dp, sp);
       auto bp = bias ? bias->data_ptr<float>() : nullptr;
       auto yp = y.data_ptr<float>();
-      if (fmt == kQ4) gemv_i16<kQ4>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else if (fmt == kQ5) gemv_i16<kQ5>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else gemv_i16<kQ8>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      if (fmt == kQ4) gemv_i16<kQ4, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      else if (fmt == kQ5) gemv_i16<kQ5, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      else if (G == 32) gemv_i16<kQ8, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
+      else gemv_i16<kQ8, 16>(L, qp, dp, sp, wp, sc, bp, yp, M);
     }
     return y.view(out_shape(x, L.N));
   }
