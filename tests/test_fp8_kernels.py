@@ -104,20 +104,22 @@ def test_every_e4m3_byte_decodes_like_torch():
         assert got[:, ~numbers].isnan().all()
 
 
-def test_gemv_and_panel_agree_on_subnormal_and_extreme_weights():
-    # E4M3's subnormals (exponent field 0), its largest values and scales far from 1 take the
-    # same path through the half-precision decode as any other byte; both row counts hold.
+@pytest.mark.parametrize("largest_scale", [2.0**6, 2.0**9])
+def test_gemv_and_panel_hold_subnormal_and_extreme_weights(largest_scale):
+    # E4M3's subnormals (exponent field 0) and largest values take the same path as any other
+    # byte, under tiny scales and large ones (from 2^7 the AVX2 build decodes through halves).
     g = torch.Generator().manual_seed(0)
     numbers = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
     q = numbers[torch.randint(len(numbers), (40, 300), generator=g)].view(torch.float8_e4m3fn)
-    s = 2.0 ** torch.randint(-40, 10, (1, 3), generator=g).float()
-    for m in (1, fp8_kernels.max_rows(), fp8_kernels.max_rows() + 1):
+    s = torch.tensor([[2.0**-40, 2.0**-3, largest_scale]])
+    for m in (1, 3, fp8_kernels.max_rows(), fp8_kernels.max_rows() + 1):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(m, 300, generator=g).to(dtype)
             y = fp8_kernels.fp8_linear(x, q, s, 128)
             y_ref = fp8.reference_linear(x, q, s)
             tol = _tolerance(x, fp8.dequantize(q, s), y_ref, exact_weights=True)
             assert ((y.float() - y_ref.float()).abs() <= tol).all(), (m, dtype)
+    assert torch.equal(fp8_kernels.dequantize(q, s, 128, torch.float32), fp8.dequantize(q, s))
 
 
 def test_linear_dispatches_on_the_weight_dtype():

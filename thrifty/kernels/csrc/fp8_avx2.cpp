@@ -2,13 +2,14 @@
 // float32 block scales S (one per block_rows x 128 block), float32 or bf16 x, on CPUs with AVX2,
 // FMA and F16C but no AVX-512 (the AVX-512 twins are fp8_gemm.cpp and fp8_packed.cpp).
 //
-// Decode, exact and without lookups: an E4M3 byte s.eeee.mmm, sign-extended to 16 bits, shifted
-// left by 7 and masked with 0xBF80 is the IEEE half s.0eeee.mmm0000000: E4M3's exponent field
-// under half's bias of 15 instead of 7, i.e. the value times 2^-8, subnormals included (both
-// formats put them at the same place). vcvtph2ps widens 8 halves to floats. The 2^8 goes into
-// the block scale, and the weight times its scale, (q 2^-8)(S 2^8), is the float32 product the
-// reference computes. Three integer ops and two conversions per 16 weights, amortized over the
-// rows of x.
+// Decode, exact and without lookups. An E4M3 byte s.eeee.mmm sign-extended to 32 bits, shifted
+// left by 20 and masked with 0x87F00000 is the float s.0000eeee.mmm0...: E4M3's exponent field
+// under float's bias of 127 instead of 7, i.e. the value times 2^-120, subnormals included
+// (both formats put them at the same place). Three integer ops per 8 weights. The 2^120 goes
+// into the block scale, so each weight is (q 2^-120)(S 2^120) = q S, the float32 product the
+// reference computes. Where a scale is 2^7 or more (S 2^120 would overflow; no quantizer writes
+// such a scale, but a checkpoint may), the byte is made a half instead (16-bit lanes, shift 7,
+// mask 0xBF80: the value times 2^-8) and widened by vcvtph2ps: 1.25x slower here, as exact.
 //
 // Few rows of x (decode): the weight's bytes are read once, output rows in tiles of 16, up to
 // kMaxMB rows of x per pass over a tile (gemv_tiles.h), x in float32. Many rows (prefill): a
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "fp8_check.h"
@@ -38,20 +40,37 @@ constexpr int64_t kPanelRows = 256, kMinPanelRows = 32;  // rows dequantized at 
 // Bytes ahead of the ones decoded that are prefetched (the next rows of the tile follow).
 constexpr int64_t kAhead = 1024;
 
-// 16 E4M3 bytes -> 16 floats, each q * 2^-8.
-inline V::f16v decode16(const uint8_t* p) {
-  const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i h =
-      _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(static_cast<short>(0xBF80)));
-  return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
-          _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+// 8 E4M3 bytes -> 8 floats, each q * 2^-120.
+inline __m256 decode8(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(w, 20), mask));
 }
 
+// 16 E4M3 bytes -> 16 floats, each q * 2^-120 (Wide) or q * 2^-8 (through halves).
+template <bool Wide>
+inline V::f16v decode16(const uint8_t* p) {
+  if constexpr (Wide) {
+    return {decode8(p), decode8(p + 8)};
+  } else {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i h =
+        _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(static_cast<short>(0xBF80)));
+    return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+  }
+}
+
+// What decode16<Wide> leaves out of each value: the block scale is multiplied by it.
+template <bool Wide>
+constexpr float kUnit = Wide ? 0x1p120f : 0x1p8f;
+
 // The last len < 16 bytes of a row, zero-padded.
+template <bool Wide>
 inline V::f16v decode_tail(const uint8_t* p, int64_t len) {
   alignas(16) uint8_t buf[16] = {};
   std::memcpy(buf, p, len);
-  return decode16(buf);
+  return decode16<Wide>(buf);
 }
 
 struct Shape {
@@ -61,35 +80,46 @@ struct Shape {
 };
 
 // acc[m] (16 lanes whose sum is x[m] . (row * its scales)) for m < mb. x rows are Kp floats,
-// zero past K. One row of x: two accumulators (even and odd chunks) so the FMAs do not wait on
-// each other; more rows give independent chains of their own.
-template <int MB>
+// zero past K. Chunks of 16 go in pairs; with one row of x the pair's two chunks feed two
+// accumulators, so consecutive FMAs do not wait on each other (more rows of x are independent
+// chains of their own, and registers run short).
+template <bool Wide, int MB>
 inline void row_dot(const Shape& S, const uint8_t* row, const float* srow, const float* x,
                     int mb, V::f16v* acc) {
-  constexpr int kChains = MB == 1 ? 2 : 1;
-  V::f16v a[kChains][MB];
-  for (int c = 0; c < kChains; ++c)
-    for (int m = 0; m < MB; ++m) a[c][m] = V::zero();
+  V::f16v a[MB], b[MB];
+  for (int m = 0; m < MB; ++m) a[m] = b[m] = V::zero();
   const int64_t full = S.K / 16 * 16;
   int64_t k = 0;
   for (int64_t kb = 0; kb < S.SK; ++kb) {
-    const V::f16v s = V::set1(srow[kb] * 256.f);
+    const V::f16v s = V::set1(srow[kb] * kUnit<Wide>);
     const int64_t end = std::min(full, (kb + 1) * kBlockK);
-    for (int j = 0; k < end; k += 16, ++j) {
+    for (; k + 32 <= end; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(row + k + kAhead), _MM_HINT_T0);
-      const V::f16v w = V::mul(decode16(row + k), s);
-      for (int m = 0; m < MB; ++m) {
-        if (m >= mb) break;
-        V::f16v& t = a[kChains == 2 ? j & 1 : 0][m];
-        t = V::fmadd(w, V::load(x + m * S.Kp + k), t);
+      const V::f16v w0 = V::mul(decode16<Wide>(row + k), s),
+                    w1 = V::mul(decode16<Wide>(row + k + 16), s);
+      if constexpr (MB == 1) {
+        a[0] = V::fmadd(w0, V::load(x + k), a[0]);
+        b[0] = V::fmadd(w1, V::load(x + k + 16), b[0]);
+      } else {
+        for (int m = 0; m < MB; ++m) {
+          if (m >= mb) break;
+          const float* xm = x + m * S.Kp + k;
+          a[m] = V::fmadd(w1, V::load(xm + 16), V::fmadd(w0, V::load(xm), a[m]));
+        }
       }
+    }
+    if (k < end) {  // a block's odd chunk (K % 32 == 16 or 112 columns left)
+      const V::f16v w = V::mul(decode16<Wide>(row + k), s);
+      for (int m = 0; m < mb; ++m) a[m] = V::fmadd(w, V::load(x + m * S.Kp + k), a[m]);
+      k += 16;
     }
   }
   if (full < S.K) {  // the row's last K % 16 weights, in the last block
-    const V::f16v w = V::mul(decode_tail(row + full, S.K - full), V::set1(srow[S.SK - 1] * 256.f));
-    for (int m = 0; m < mb; ++m) a[0][m] = V::fmadd(w, V::load(x + m * S.Kp + full), a[0][m]);
+    const V::f16v w = V::mul(decode_tail<Wide>(row + full, S.K - full),
+                             V::set1(srow[S.SK - 1] * kUnit<Wide>));
+    for (int m = 0; m < mb; ++m) a[m] = V::fmadd(w, V::load(x + m * S.Kp + full), a[m]);
   }
-  for (int m = 0; m < mb; ++m) acc[m] = kChains == 2 ? V::add(a[0][m], a[kChains - 1][m]) : a[0][m];
+  for (int m = 0; m < mb; ++m) acc[m] = MB == 1 ? V::add(a[m], b[m]) : a[m];
 }
 
 // x (M, K) in float32 or bf16 -> float32 (M, Kp), zero past K.
@@ -101,7 +131,7 @@ void widen_x(const T* x, int64_t M, int64_t K, int64_t Kp, float* out) {
   }
 }
 
-template <typename T>
+template <bool Wide, typename T>
 void gemv(const Shape& S, const float* x, const uint8_t* w, const float* scale, const T* bias,
           T* y, int64_t M) {
   V::gemv_tiles<kMaxMB>(S.N, S.K, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
@@ -109,14 +139,15 @@ void gemv(const Shape& S, const float* x, const uint8_t* w, const float* scale, 
     const float* xm = x + m0 * S.Kp;
     const float* srow = S.scales(scale, n);
     switch (mb) {
-      case 1: return row_dot<1>(S, row, srow, xm, mb, out);
-      case 2: return row_dot<2>(S, row, srow, xm, mb, out);
-      default: return row_dot<4>(S, row, srow, xm, mb, out);
+      case 1: return row_dot<Wide, 1>(S, row, srow, xm, mb, out);
+      case 2: return row_dot<Wide, 2>(S, row, srow, xm, mb, out);
+      default: return row_dot<Wide, 4>(S, row, srow, xm, mb, out);
     }
   });
 }
 
 // Rows [n0, n1) of W * S -> out (n1 - n0, K) float32.
+template <bool Wide>
 void dequant_rows(const Shape& S, const uint8_t* w, const float* scale, int64_t n0, int64_t n1,
                   float* out) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -125,8 +156,9 @@ void dequant_rows(const Shape& S, const uint8_t* w, const float* scale, int64_t 
     float* o = out + (n - n0) * S.K;
     for (int64_t k = 0; k < S.K; k += 16) {
       const int64_t len = std::min<int64_t>(16, S.K - k);
-      const V::f16v s = V::set1(srow[k / kBlockK] * 256.f);  // 16 columns lie in one block
-      const V::f16v v = V::mul(len == 16 ? decode16(row + k) : decode_tail(row + k, len), s);
+      const V::f16v s = V::set1(srow[k / kBlockK] * kUnit<Wide>);  // 16 columns: one block
+      const V::f16v v =
+          V::mul(len == 16 ? decode16<Wide>(row + k) : decode_tail<Wide>(row + k, len), s);
       V::store(o + k, v, V::first_lanes(len));
     }
   }
@@ -141,6 +173,20 @@ std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t N) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return shape;
+}
+
+// fn(std::bool_constant<Wide>{}): the wide decode unless a scale is 2^7 or more (S 2^120 would
+// overflow). One pass over the scales, a few hundred floats a weight.
+template <typename Fn>
+void with_decode(const torch::Tensor& scale, Fn&& fn) {
+  const float* sp = scale.data_ptr<float>();
+  bool wide = true;
+  for (int64_t i = 0; i < scale.numel(); ++i) wide &= sp[i] < 0x1p7f;
+  if (wide) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
 void check_dtype(const torch::Tensor& x) {
@@ -172,14 +218,18 @@ torch::Tensor fp8_gemv(const torch::Tensor& x, const torch::Tensor& weight,
   }
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   const float* sp = scale.data_ptr<float>();
-  if (x.scalar_type() == at::kFloat) {
-    gemv<float>(S, xf.data_ptr<float>(), wp, sp, bias ? bias->data_ptr<float>() : nullptr,
-                y.data_ptr<float>(), M);
-  } else {
-    gemv<at::BFloat16>(S, xf.data_ptr<float>(), wp, sp,
-                       bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr,
-                       reinterpret_cast<at::BFloat16*>(y.data_ptr()), M);
-  }
+  with_decode(scale, [&](auto wide) {
+    constexpr bool W = decltype(wide)::value;
+    if (x.scalar_type() == at::kFloat) {
+      gemv<W, float>(S, xf.data_ptr<float>(), wp, sp, bias ? bias->data_ptr<float>() : nullptr,
+                     y.data_ptr<float>(), M);
+    } else {
+      gemv<W, at::BFloat16>(
+          S, xf.data_ptr<float>(), wp, sp,
+          bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr,
+          reinterpret_cast<at::BFloat16*>(y.data_ptr()), M);
+    }
+  });
   return y.view(out_shape(x, S.N));
 }
 
@@ -203,13 +253,19 @@ torch::Tensor fp8_gemm(const torch::Tensor& x, const torch::Tensor& weight,
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   const float* sp = scale.data_ptr<float>();
   const bool inference = c10::InferenceMode::is_enabled();  // thread-local: pass it on
+  bool wide = false;
+  with_decode(scale, [&](auto w) { wide = decltype(w)::value; });
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
     c10::InferenceMode guard(inference);
     torch::Tensor panel = torch::empty({std::min(S.N, rows), S.K}, x2.options());
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * rows, n1 = std::min(S.N, n0 + rows);
       torch::Tensor w = panel.narrow(0, 0, n1 - n0);
-      dequant_rows(S, wp, sp, n0, n1, w.data_ptr<float>());
+      if (wide) {
+        dequant_rows<true>(S, wp, sp, n0, n1, w.data_ptr<float>());
+      } else {
+        dequant_rows<false>(S, wp, sp, n0, n1, w.data_ptr<float>());
+      }
       torch::Tensor out = y.narrow(1, n0, n1 - n0);
       if (b.defined()) {
         out.copy_(at::addmm(b.narrow(0, n0, n1 - n0), x2, w.t()));
@@ -231,8 +287,11 @@ torch::Tensor fp8_dequantize(const torch::Tensor& weight, const torch::Tensor& s
   if (S.N > 0 && S.K > 0) {
     auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
     const float* sp = scale.data_ptr<float>();
-    at::parallel_for(0, S.N, std::max<int64_t>(1, (64 << 10) / S.K), [&](int64_t n0, int64_t n1) {
-      dequant_rows(S, wp, sp, n0, n1, out.data_ptr<float>() + n0 * S.K);
+    with_decode(scale, [&](auto wide) {
+      constexpr bool W = decltype(wide)::value;
+      at::parallel_for(0, S.N, std::max<int64_t>(1, (64 << 10) / S.K), [&](int64_t n0, int64_t n1) {
+        dequant_rows<W>(S, wp, sp, n0, n1, out.data_ptr<float>() + n0 * S.K);
+      });
     });
   }
   return out.to(dtype);
