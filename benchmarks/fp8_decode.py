@@ -42,7 +42,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def run_thrifty(variant: str, tokens: int) -> dict:
+def run_thrifty(variant: str, tokens: int, dtype: str) -> dict:
     import torch
 
     from thrifty import LLM, SamplingParams
@@ -60,6 +60,7 @@ def run_thrifty(variant: str, tokens: int) -> dict:
     llm = LLM(
         MODEL,
         quantization=quantization,
+        dtype=dtype,
         num_threads=THREADS,
         progress=False,
         kv_cache_memory_bytes=64 << 20,
@@ -128,6 +129,13 @@ def run_llama_cpp(python: str, q8: Path, tokens: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="bf16,fp8,fp8-all")
@@ -135,12 +143,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-cpp-python", help="interpreter with llama_cpp, for the Q8_0 row")
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="activations (default bfloat16: the variants are a bf16 checkpoint and its FP8 "
+        "twins; `auto` would pick float32 for this GGUF on a CPU without AVX-512 BF16)",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["THRIFTY_BENCH_THREADS"] = str(args.threads)
     if args.child:
-        print(json.dumps(run_thrifty(args.child, args.tokens)))
+        print(json.dumps(run_thrifty(args.child, args.tokens, args.dtype)))
         return
     variants = args.variants.split(",")
     if args.llama_cpp_python:
@@ -153,6 +167,7 @@ def main() -> None:
                 res = run_llama_cpp(args.llama_cpp_python, q8, args.tokens)
             else:
                 cmd = [sys.executable, __file__, "--child", v, "--tokens", str(args.tokens)]
+                cmd += ["--dtype", args.dtype]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
             res["load_average"] = os.getloadavg()[0]
@@ -195,6 +210,8 @@ def main() -> None:
         meta = {
             "model": MODEL,
             "threads": args.threads,
+            "dtype": args.dtype,
+            "cpu": _cpu(),
             "tokens": args.tokens,
             "rounds": args.rounds,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
