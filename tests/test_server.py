@@ -184,6 +184,51 @@ def test_chat_full_and_streamed_agree(client, tokenizer):
     assert usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16
 
 
+def _thrifty(*argv: str) -> subprocess.CompletedProcess:
+    """The command line in a fresh interpreter, failing if it imported torch."""
+    code = (
+        "import sys, thrifty.cli; rc = thrifty.cli.main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'imported torch'; sys.exit(rc)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("THRIFTY_URL", "THRIFTY_API_KEY")}
+    cmd = [sys.executable, "-c", code, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_thrifty_run_through_the_server(url, client):
+    # `thrifty run --url`: the running server answers, greedy text equal to the API's own, and
+    # the client never imports torch or loads the model.
+    ask = ["--url", url, "--api-key", KEY, "--temperature", "0", "--max-tokens", "24"]
+    out = _thrifty("run", *ask, PARIS[0]["content"])
+    assert out.returncode == 0, out.stderr
+    want = (
+        client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=24)
+        .choices[0]
+        .message.content
+    )
+    assert out.stdout.strip() == want.strip() and "Paris" in want
+    raw = _thrifty("run", *ask, MODEL, "The capital of France is", "--raw")
+    assert raw.returncode == 0, raw.stderr
+    want = (
+        client.completions.create(
+            model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=24
+        )
+        .choices[0]
+        .text
+    )
+    assert raw.stdout.strip() == want.strip()
+    # Refusals, one line each: another model, a flag for loading, a bad key, no server.
+    for argv, message in [
+        ((*ask, "qwen2.5-coder-0.5b-instruct", "hi"), f"serves {MODEL}, not qwen"),
+        ((*ask, "hi", "--quantization", "fp8"), "--quantization applies where thrifty loads"),
+        (("--url", url, "--api-key", "wrong", "hi"), "401"),
+        (("--url", "http://127.0.0.1:1", "hi"), "no server at http://127.0.0.1:1"),
+    ]:
+        out = _thrifty("run", *argv)
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_completions_full_and_streamed(client, tokenizer):
     prompt = "The capital of France is"
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)

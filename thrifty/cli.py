@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT]")
     p.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("THRIFTY_URL"),
+        help="answer through a running server (thrifty serve, or any OpenAI-compatible one) that"
+        " keeps the model loaded, instead of loading it here: no torch import, the first token"
+        " after one round trip (default: $THRIFTY_URL)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("THRIFTY_API_KEY"),
+        help="the server's key, with --url (default: $THRIFTY_API_KEY)",
+    )
     _add_model_flags(p)
     _add_sampling_flags(p)
     _add_parallel_flag(p)
@@ -287,6 +299,9 @@ def _model_and_prompt(words: list[str]) -> tuple[str | None, str | None]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    if args.url:
+        _run_on_server(args)
+        return
     model, prompt = _model_and_prompt(args.args)
     _params(args)  # validate before loading the model
     if prompt is None:
@@ -303,6 +318,57 @@ def cmd_run(args: argparse.Namespace) -> None:
     from thrifty.chat import stream_answer
 
     stream_answer(llm, prompt, params)
+
+
+# Flags that shape how this process loads and runs a model: a server has its own.
+_LOCAL_ONLY = (
+    "dtype",
+    "device",
+    "max_model_len",
+    "allow_pickle",
+    "quantization",
+    "chat_template",
+    "num_threads",
+    "tensor_parallel_size",
+    "strategy",
+    "max_thinking_tokens",
+)
+
+
+def _run_on_server(args: argparse.Namespace) -> None:
+    """`run --url`: the prompt to a running server, the answer streamed (thrifty/client.py)."""
+    from thrifty.client import Server
+
+    defaults = build_parser().parse_args(["run"])
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in _LOCAL_ONLY
+        if getattr(args, k, None) != getattr(defaults, k, None)
+    ]
+    if given:
+        raise ThriftyError(f"{given[0]} applies where thrifty loads the model, not with --url")
+    words = args.args
+    if len(words) not in (1, 2):
+        raise ThriftyError("usage: thrifty run --url URL [MODEL] PROMPT (quote the prompt)")
+    model, prompt = (None, words[0]) if len(words) == 1 else words
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+    if not prompt:
+        raise ThriftyError("thrifty run: the prompt is empty")
+    params = {"max_tokens": args.max_tokens, "min_p": args.min_p}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        if getattr(args, key) is not None:  # else the server's model defaults
+            params[key] = getattr(args, key)
+    server = Server(args.url, args.api_key)
+    if not args.raw:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = [*messages, {"role": "user", "content": prompt}]
+    try:
+        for delta in server.stream(server.model(model), prompt, params):
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:  # closing the stream aborts the request on the server
+        print(" [stopped]", end="")
+    print(flush=True)
 
 
 def _open_chat(args: argparse.Namespace, model: str | None) -> None:

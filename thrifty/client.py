@@ -1,0 +1,97 @@
+"""`thrifty run --url URL`: the answer from a running server, streamed.
+
+As `ollama run` talks to `ollama serve`: the model stays loaded in `thrifty serve` (or any
+OpenAI-compatible server), and `run` neither imports torch nor loads weights, so the first token
+comes after one HTTP round trip and the server's prefill. Standard library only: this module
+must not pull in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from thrifty.errors import ThriftyError
+
+TIMEOUT_S = 600.0  # a long answer on a slow CPU; the server's own limits apply first
+
+
+class Server:
+    """One OpenAI-compatible server at `url` (scheme, host, port; a trailing /v1 is allowed)."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.api_key = api_key
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            raise ThriftyError(f"{self.url}: {_error_message(e)}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ThriftyError(
+                f"no server at {self.url} ({reason}); start one: thrifty serve"
+            ) from None
+
+    def models(self) -> list[str]:
+        """The ids /v1/models lists."""
+        with self._request("/v1/models") as response:
+            return [m["id"] for m in json.load(response).get("data", [])]
+
+    def model(self, wanted: str | None) -> str:
+        """The model to ask for: `wanted` if the server serves it (refused by name if not), else
+        the server's first."""
+        served = self.models()
+        if not served:
+            raise ThriftyError(f"{self.url} serves no model")
+        if wanted is None:
+            return served[0]
+        if wanted not in served:
+            raise ThriftyError(
+                f"{self.url} serves {', '.join(served)}, not {wanted}; run without --url to "
+                "load it here"
+            )
+        return wanted
+
+    def stream(self, model: str, prompt: str | list[dict[str, str]], params: dict[str, Any]):
+        """The answer's text deltas: a chat (messages) or a completion (raw text)."""
+        chat = not isinstance(prompt, str)
+        body = {"model": model, "stream": True, **params}
+        body["messages" if chat else "prompt"] = prompt
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        with self._request(path, body) as response:
+            yield from _deltas(response, chat)
+
+
+def _deltas(lines, chat: bool) -> Iterator[str]:
+    """The text of each server-sent event until [DONE]; an error event is raised."""
+    for raw in lines:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line.removeprefix(b"data:").strip()
+        if data == b"[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise ThriftyError(f"the server stopped the answer: {event['error'].get('message')}")
+        for choice in event.get("choices", []):
+            text = choice.get("delta", {}).get("content") if chat else choice.get("text")
+            if text:
+                yield text
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        return f"{e.code}: {json.loads(e.read())['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{e.code} {e.reason}"
