@@ -358,7 +358,9 @@ def decode_perplexity(args) -> None:
 def main() -> None:
     global THREADS
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="smollm2,qwen")
+    ap.add_argument(
+        "--models", default="smollm2,qwen", help=f"comma-separated: {', '.join(MODELS)}"
+    )
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=THREADS)
@@ -371,6 +373,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = [key for key in args.models.split(",") if key not in MODELS]
+    if unknown:
+        ap.error(f"--models: unknown {unknown[0]!r} (choose from {', '.join(MODELS)})")
     os.environ["THRIFTY_BENCH_THREADS"] = str(args.threads)
     THREADS = args.threads
     if args.child:
