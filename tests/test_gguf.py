@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from thrifty import hub
 from thrifty.errors import ThriftyError
 from thrifty.loader.checkpoint import iter_tensors
 from thrifty.loader.gguf import convert_gguf
+from thrifty.loader.gguf_table import check_gguf
 from thrifty.loader.gguf_weights import GgufTensor
 from thrifty.quant import ggml
 
@@ -421,3 +423,30 @@ def test_existing_conversion_is_kept(tmp_path):
     assert convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False) == first
     assert marker.stat().st_mtime_ns == before
     assert sorted(os.listdir(tmp_path)) == ["out", "tiny.gguf"]
+
+
+def _vocabulary_gguf(path, strings: list[bytes], count: int, lengths: list[int] | None = None):
+    """A GGUF of one metadata entry, an array of `count` strings (written: `strings`, with
+    `lengths` as their length fields where given), and no tensors."""
+    lengths = lengths or [len(s) for s in strings]
+    key = b"tokenizer.ggml.tokens"
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    data += struct.pack("<IIQ", 9, 8, count)
+    data += b"".join(struct.pack("<Q", n) + s for n, s in zip(lengths, strings, strict=True))
+    path.write_bytes(data)
+    return path
+
+
+def test_vocabulary_strings_are_bounded(tmp_path):
+    # The header check walks a vocabulary's strings in one loop (check_gguf); each length is
+    # still held to the file's end.
+    words = [b"a", b"bcdefghijk", b"", b"def"]  # long enough that 5 strings could fit
+    assert check_gguf(_vocabulary_gguf(tmp_path / "ok.gguf", words, 4)) == []
+    for name, count, lengths in [
+        ("long.gguf", 4, [1, 10**6, 0, 3]),  # a length past the end
+        ("more.gguf", 5, None),  # one string more than the file holds
+    ]:
+        with pytest.raises(
+            ThriftyError, match="strings of key 'tokenizer.ggml.tokens' run past the end"
+        ):
+            check_gguf(_vocabulary_gguf(tmp_path / name, words, count, lengths))

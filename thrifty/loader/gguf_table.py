@@ -68,6 +68,21 @@ class _Reader:
         start = self.take(length)
         return self.buf[start : start + length]
 
+    def skip_strings(self, count: int, key: str) -> None:
+        """Past `count` length-prefixed strings (a vocabulary: 50k-300k of them) in one tight
+        loop: `take` and `uint` per string made this a third of a second of every load."""
+        length = struct.Struct(self.order + "Q").unpack_from
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        for _ in range(count):
+            if pos + 8 > end:  # also where the last length ran past the end
+                break
+            pos += 8 + length(buf, pos)[0]
+        else:
+            if pos <= end:
+                self.pos = pos
+                return
+        raise self.error(f"truncated: the strings of key {key!r} run past the end of the file")
+
     def skip_value(self, kind: int, key: str) -> None:
         if kind in _SCALAR_BYTES:
             self.take(_SCALAR_BYTES[kind])
@@ -80,8 +95,7 @@ class _Reader:
             elif item == _STRING:
                 if count > (len(self.buf) - self.pos) // 8:
                     raise self.error(f"truncated: key {key!r} claims {count:,} strings")
-                for _ in range(count):
-                    self.take(self.uint(8))
+                self.skip_strings(count, key)
             else:  # llama.cpp refuses nested arrays too
                 raise self.error(f"key {key!r} is an array of type {item}")
         else:
