@@ -635,6 +635,30 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 
 // Index of the largest value of each row of a float32 (B, V) matrix; the first one on ties,
 // as torch.argmax. NaN is not expected (logits).
+// The first position of a row's maximum: the maximum 16 lanes at a time, then the first block
+// of 16 holding it (gcc left the plain loops scalar: 31 us for a 49k row, 1 ms a batch-32 step).
+int64_t argmax_row(const float* r, int64_t V) {
+  float m = r[0];
+  int64_t i = 0, j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  namespace V16 = thrifty_vec;
+  if (V >= 16) {
+    V16::f16v mv = V16::load(r);
+    for (i = 16; i + 16 <= V; i += 16) mv = V16::max(mv, V16::load(r + i));
+    m = V16::reduce_max(mv);
+  }
+#endif
+  for (; i < V; ++i) m = std::max(m, r[i]);
+#if defined(__AVX2__) && defined(__FMA__)
+  for (const V16::f16v mm = V16::set1(m); j + 16 <= V; j += 16) {
+    const V16::mask16 hit = V16::ge(V16::load(r + j), mm);
+    if (hit != 0) return j + __builtin_ctz(hit);
+  }
+#endif
+  while (j < V - 1 && r[j] != m) ++j;
+  return j;
+}
+
 torch::Tensor argmax_rows(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "argmax_rows: (B, V) float32");
   x = x.contiguous();
@@ -644,15 +668,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* r = xp + b * V;
-      // Find the maximum with vector-friendly code, then its first position.
-      float m = r[0];
-      for (int64_t i = 1; i < V; ++i) m = std::max(m, r[i]);
-      int64_t i = 0;
-      while (i < V - 1 && r[i] != m) ++i;
-      op[b] = i;
-    }
+    for (int64_t b = begin; b < end; ++b) op[b] = argmax_row(xp + b * V, V);
   });
   return out;
 }
