@@ -121,6 +121,14 @@ def _cpu_ops() -> ModuleType | None:
     return CPU_OPS.load()
 
 
+def cpu_ops() -> ModuleType:
+    """The compiled CPU ops module itself, for a hot loop that calls its functions directly (the
+    wrappers below look it up on every call); only where cpu_ops_available()."""
+    ext = _cpu_ops()
+    assert ext is not None, "the compiled CPU ops are not built"
+    return ext
+
+
 def cpu_ops_available() -> bool:
     """Whether the compiled decode-attention and RMSNorm ops are loaded (built on first call)."""
     return _cpu_ops() is not None

@@ -150,21 +150,31 @@ def run_compiled(
     """DecoderLayer.forward over every layer, in the compiled CPU ops: per layer the residual
     add fused into each norm, q and k rotated and k, v stored in one pass over the fused qkv,
     attention read from the cache. Returns (the last MLP output, the residual stream)."""
-    slots = get_context().slot_mapping
+    ops = kernels.cpu_ops()  # its functions called directly: no wrapper, no lookup a call
+    meta = get_context()
+    slots = meta.slot_mapping
+    # A step of decodes only reads the cache through the block tables; prefill and mixed steps
+    # go the general way (attend_cached).
+    decode = meta.block_tables is not None and not meta.parts
     residual = None
     for layer in layers:
         if residual is None:
-            residual, x = x, kernels.rms_norm(x, layer.input_norm, layer.eps)
+            residual, x = x, ops.rms_norm(x, layer.input_norm, layer.eps)
         else:
-            x = kernels.add_rms_norm(x, residual, layer.input_norm, layer.eps)
+            x = ops.add_rms_norm(x, residual, layer.input_norm, layer.eps)
         k_cache, v_cache = layer.k_cache, layer.v_cache
         qkv = layer.qkv(x)
-        q = kernels.rope_store_kv(
+        q = ops.rope_store_kv(
             qkv, rope.cos, rope.sin, k_cache, v_cache, slots, layer.num_heads, layer.num_kv_heads
         )
-        attn = layer.o(attend_cached(q, k_cache, v_cache, layer.scale))
-        x = kernels.add_rms_norm(attn, residual, layer.post_norm, layer.eps)
-        x = layer.down(kernels.silu_and_mul(layer.gate_up(x)))
+        if decode:
+            attn = ops.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, layer.scale
+            )
+        else:
+            attn = attend_cached(q, k_cache, v_cache, layer.scale)
+        x = ops.add_rms_norm(layer.o(attn), residual, layer.post_norm, layer.eps)
+        x = layer.down(ops.silu_and_mul(layer.gate_up(x)))
     return x, residual  # type: ignore[return-value]
 
 
