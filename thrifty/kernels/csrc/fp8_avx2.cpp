@@ -28,6 +28,7 @@
 
 #include "fp8_check.h"
 #include "gemv_tiles.h"
+#include "panel_gemm.h"
 #include "vec16.h"
 
 namespace {
@@ -189,16 +190,10 @@ void with_decode(const torch::Tensor& scale, Fn&& fn) {
   }
 }
 
-void check_dtype(const torch::Tensor& x) {
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                    "fp8_linear: x must be float32 or bfloat16");
-}
-
 torch::Tensor fp8_gemv(const torch::Tensor& x, const torch::Tensor& weight,
                        const torch::Tensor& scale, int64_t block_rows,
                        const std::optional<torch::Tensor>& bias) {
   thrifty_fp8::check(x, weight, scale, block_rows, bias);
-  check_dtype(x);
   const Shape S = shape_of(weight, block_rows);
   const torch::Tensor x2 = x.reshape({-1, S.K}).contiguous();
   const int64_t M = x2.size(0);
@@ -233,46 +228,25 @@ torch::Tensor fp8_gemv(const torch::Tensor& x, const torch::Tensor& weight,
   return y.view(out_shape(x, S.N));
 }
 
-// Large M: panels of rows of W, each dequantized to float32 by one thread and multiplied there
-// by torch's float32 matmul (single-threaded inside the parallel region); bf16 x is widened
-// once and the result rounded once.
+// Large M: panels of rows of W dequantized to float32 (panel_gemm.h) for torch's float32 matmul;
+// bf16 x is widened once and the result rounded once.
 torch::Tensor fp8_gemm(const torch::Tensor& x, const torch::Tensor& weight,
                        const torch::Tensor& scale, int64_t block_rows,
                        const std::optional<torch::Tensor>& bias) {
   thrifty_fp8::check(x, weight, scale, block_rows, bias);
-  check_dtype(x);
   const Shape S = shape_of(weight, block_rows);
   const torch::Tensor x2 = x.reshape({-1, S.K}).contiguous().to(at::kFloat);
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, S.N}, x2.options());
   if (M == 0 || S.N == 0) return y.to(x.scalar_type()).view(out_shape(x, S.N));
   const torch::Tensor b = bias.has_value() ? bias->to(at::kFloat) : torch::Tensor();
-  const int64_t per_thread = (S.N + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t rows = std::clamp<int64_t>((per_thread + 15) / 16 * 16, kMinPanelRows, kPanelRows);
-  const int64_t n_panels = (S.N + rows - 1) / rows;
+  const int64_t rows = thrifty_panel::panel_rows(S.N, kMinPanelRows, kPanelRows);
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   const float* sp = scale.data_ptr<float>();
-  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: pass it on
-  bool wide = false;
-  with_decode(scale, [&](auto w) { wide = decltype(w)::value; });
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    c10::InferenceMode guard(inference);
-    torch::Tensor panel = torch::empty({std::min(S.N, rows), S.K}, x2.options());
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * rows, n1 = std::min(S.N, n0 + rows);
-      torch::Tensor w = panel.narrow(0, 0, n1 - n0);
-      if (wide) {
-        dequant_rows<true>(S, wp, sp, n0, n1, w.data_ptr<float>());
-      } else {
-        dequant_rows<false>(S, wp, sp, n0, n1, w.data_ptr<float>());
-      }
-      torch::Tensor out = y.narrow(1, n0, n1 - n0);
-      if (b.defined()) {
-        out.copy_(at::addmm(b.narrow(0, n0, n1 - n0), x2, w.t()));
-      } else {
-        out.copy_(at::mm(x2, w.t()));
-      }
-    }
+  with_decode(scale, [&](auto wide) {
+    thrifty_panel::panel_gemm(x2, b, y, rows, [&](int64_t n0, int64_t n1, torch::Tensor& w) {
+      dequant_rows<decltype(wide)::value>(S, wp, sp, n0, n1, w.data_ptr<float>());
+    });
   });
   return y.to(x.scalar_type()).view(out_shape(x, S.N));
 }

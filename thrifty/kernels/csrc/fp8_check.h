@@ -11,8 +11,8 @@ namespace thrifty_fp8 {
 
 constexpr int kBlockK = 128;  // columns per scale block
 
-// x (..., K), a contiguous float8_e4m3fn weight (N, K), float32 scales, one per block_rows x 128
-// block (edge blocks partial), an optional bias of N values in x's dtype.
+// x (..., K) in float32 or bf16, a contiguous float8_e4m3fn weight (N, K), float32 scales, one
+// per block_rows x 128 block (edge blocks partial), an optional bias of N values in x's dtype.
 inline void check(const torch::Tensor& x, const torch::Tensor& weight,
                   const torch::Tensor& scale, int64_t block_rows,
                   const std::optional<torch::Tensor>& bias) {
@@ -24,6 +24,8 @@ inline void check(const torch::Tensor& x, const torch::Tensor& weight,
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "fp8_linear: x is ", x.sizes(),
                     " but weight is ", weight.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                    "fp8_linear: x must be float32 or bfloat16");
   TORCH_CHECK_VALUE(block_rows == 16 || block_rows == 32 || block_rows == 64 || block_rows == 128,
                     "fp8_linear: block_rows must be 16, 32, 64 or 128");
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&

@@ -24,6 +24,7 @@
 #include <cstring>
 
 #include "fp8_check.h"
+#include "panel_gemm.h"
 
 namespace {
 
@@ -303,16 +304,11 @@ torch::Tensor fp8_dequantize(const torch::Tensor& weight, const torch::Tensor& s
   return out;
 }
 
-// Large M: panels of kPanelRows rows of W, each dequantized into x's dtype by one thread and
-// multiplied there (torch's matmul runs single-threaded inside the parallel region). One
-// parallel region per call: a region per panel costs a barrier each, which a busy machine
-// turns into a scheduler wait.
+// Large M: panels of kPanelRows rows of W dequantized into x's dtype (panel_gemm.h).
 torch::Tensor fp8_gemm(const torch::Tensor& x, const torch::Tensor& weight,
                        const torch::Tensor& scale, int64_t block_rows,
                        const std::optional<torch::Tensor>& bias) {
   thrifty_fp8::check(x, weight, scale, block_rows, bias);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                    "fp8_gemm: x must be float32 or bfloat16");
   const int64_t N = weight.size(0), K = weight.size(1);
   const torch::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
@@ -322,28 +318,16 @@ torch::Tensor fp8_gemm(const torch::Tensor& x, const torch::Tensor& weight,
   if (M == 0 || N == 0) return y.view(out_shape);
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   const float* sp = scale.data_ptr<float>();
-  const int64_t n_panels = (N + kPanelRows - 1) / kPanelRows;
-  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: pass it on
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    c10::InferenceMode guard(inference);
-    torch::Tensor panel = torch::empty({std::min(N, kPanelRows), K}, x.options());
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanelRows, n1 = std::min(N, n0 + kPanelRows);
-      torch::Tensor w = panel.narrow(0, 0, n1 - n0);
-      if (x.scalar_type() == at::kFloat) {
-        dequant_rows<float>(wp, sp, block_rows, K, n0, n1, w.data_ptr<float>());
-      } else {
-        dequant_rows<uint16_t>(wp, sp, block_rows, K, n0, n1,
-                               reinterpret_cast<uint16_t*>(w.data_ptr()));
-      }
-      torch::Tensor out = y.narrow(1, n0, n1 - n0);
-      if (bias.has_value()) {
-        out.copy_(at::addmm(bias->narrow(0, n0, n1 - n0), x2, w.t()));
-      } else {
-        out.copy_(at::mm(x2, w.t()));
-      }
-    }
-  });
+  thrifty_panel::panel_gemm(x2, bias.value_or(torch::Tensor()), y, kPanelRows,
+                            [&](int64_t n0, int64_t n1, torch::Tensor& w) {
+                              if (x.scalar_type() == at::kFloat) {
+                                dequant_rows<float>(wp, sp, block_rows, K, n0, n1,
+                                                    w.data_ptr<float>());
+                              } else {
+                                dequant_rows<uint16_t>(wp, sp, block_rows, K, n0, n1,
+                                                       reinterpret_cast<uint16_t*>(w.data_ptr()));
+                              }
+                            });
   return y.view(out_shape);
 }
 

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "gemv_tiles.h"
+#include "panel_gemm.h"
 #include "vec16.h"
 
 namespace {
@@ -602,8 +603,7 @@ void dequant_into(const Layout& L, const torch::Tensor& weight, const torch::Ten
                  n0, n1, reinterpret_cast<T*>(out.data_ptr()));
 }
 
-// Large M: panels of up to kPanelRows rows of W, each dequantized into x's dtype by one thread and
-// multiplied there (torch's matmul runs single-threaded inside the parallel region).
+// Large M: panels of up to kPanelRows rows of W dequantized into x's dtype (panel_gemm.h).
 torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
                         const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
                         int64_t fmt, int64_t G) {
@@ -613,29 +613,15 @@ torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
   if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
-  const int64_t per_thread = (L.N + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t rows = std::clamp<int64_t>((per_thread + 15) / 16 * 16, kMinPanelRows, kPanelRows);
-  const int64_t n_panels = (L.N + rows - 1) / rows;
-  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: pass it on
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    c10::InferenceMode guard(inference);
-    torch::Tensor panel = torch::empty({std::min(L.N, rows), L.K}, x.options());
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * rows, n1 = std::min(L.N, n0 + rows);
-      torch::Tensor w = panel.narrow(0, 0, n1 - n0);
-      if (x.scalar_type() == at::kFloat) {
-        dequant_into<float>(L, weight, scale, n0, n1, w);
-      } else {
-        dequant_into<at::BFloat16>(L, weight, scale, n0, n1, w);
-      }
-      torch::Tensor out = y.narrow(1, n0, n1 - n0);
-      if (bias.has_value()) {
-        out.copy_(at::addmm(bias->narrow(0, n0, n1 - n0), x2, w.t()));
-      } else {
-        out.copy_(at::mm(x2, w.t()));
-      }
-    }
-  });
+  const int64_t rows = thrifty_panel::panel_rows(L.N, kMinPanelRows, kPanelRows);
+  thrifty_panel::panel_gemm(x2, bias.value_or(torch::Tensor()), y, rows,
+                            [&](int64_t n0, int64_t n1, torch::Tensor& w) {
+                              if (x.scalar_type() == at::kFloat) {
+                                dequant_into<float>(L, weight, scale, n0, n1, w);
+                              } else {
+                                dequant_into<at::BFloat16>(L, weight, scale, n0, n1, w);
+                              }
+                            });
   return y.view(out_shape(x, L.N));
 }
 
