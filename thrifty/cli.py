@@ -298,20 +298,26 @@ def _model_and_prompt(words: list[str]) -> tuple[str | None, str | None]:
     return model, prompt
 
 
+def _as_chat(args: argparse.Namespace, prompt: str) -> str | list[dict[str, str]]:
+    """The prompt as `run` sends it: raw text with --raw, else one user turn (after --system)."""
+    if args.raw:
+        return prompt
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    if args.url:
-        _run_on_server(args)
-        return
     model, prompt = _model_and_prompt(args.args)
+    if args.url:
+        _run_on_server(args, model, prompt)
+        return
     _params(args)  # validate before loading the model
     if prompt is None:
         _open_chat(args, model)
         return
     llm = _llm(args, model)
     params = _params(args, _model_defaults(args, llm))
-    if not args.raw:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = [*messages, {"role": "user", "content": prompt}]
+    prompt = _as_chat(args, prompt)
     if args.strategy or args.max_thinking_tokens is not None:
         tts_cli.run(args, llm, prompt)  # several samples, or a thinking budget
         return
@@ -335,7 +341,7 @@ _LOCAL_ONLY = (
 )
 
 
-def _run_on_server(args: argparse.Namespace) -> None:
+def _run_on_server(args: argparse.Namespace, model: str | None, prompt: str | None) -> None:
     """`run --url`: the prompt to a running server, the answer streamed (thrifty/client.py)."""
     from thrifty.client import Server
 
@@ -347,24 +353,17 @@ def _run_on_server(args: argparse.Namespace) -> None:
     ]
     if given:
         raise ThriftyError(f"{given[0]} applies where thrifty loads the model, not with --url")
-    words = args.args
-    if len(words) not in (1, 2):
-        raise ThriftyError("usage: thrifty run --url URL [MODEL] PROMPT (quote the prompt)")
-    model, prompt = (None, words[0]) if len(words) == 1 else words
-    if prompt == "-":
-        prompt = sys.stdin.read().strip()
     if not prompt:
-        raise ThriftyError("thrifty run: the prompt is empty")
+        raise ThriftyError(
+            "usage: thrifty run --url URL [MODEL] PROMPT (a chat with a server is not built)"
+        )
     params = {"max_tokens": args.max_tokens, "min_p": args.min_p}
     for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if getattr(args, key) is not None:  # else the server's model defaults
             params[key] = getattr(args, key)
     server = Server(args.url, args.api_key)
-    if not args.raw:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = [*messages, {"role": "user", "content": prompt}]
     try:
-        for delta in server.stream(server.model(model), prompt, params):
+        for delta in server.stream(server.model(model), _as_chat(args, prompt), params):
             print(delta, end="", flush=True)
     except KeyboardInterrupt:  # closing the stream aborts the request on the server
         print(" [stopped]", end="")
