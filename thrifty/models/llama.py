@@ -153,9 +153,9 @@ def run_compiled(
     ops = kernels.cpu_ops()  # its functions called directly: no wrapper, no lookup a call
     meta = get_context()
     slots = meta.slot_mapping
-    # A step of decodes only reads the cache through the block tables; prefill and mixed steps
-    # go the general way (attend_cached).
-    decode = meta.block_tables is not None and not meta.parts
+    # Block tables are set for a step of decodes only (attention.build_metadata), which then
+    # reads the cache through them; prefill and mixed steps go the general way (attend_cached).
+    decode = meta.block_tables is not None
     residual = None
     for layer in layers:
         if residual is None:
