@@ -4,10 +4,11 @@ The model is the real SmolLM2-135M-Instruct GGUF (9 query heads and 3 KV heads, 
 2+1 over 2 ranks; its Q4_1 weights stay quantized, each rank holding its own rows or columns),
 with --dtype auto's activations. Each setting runs in its own process (the ranks' process group
 lives and dies with it): 1 rank x 1 thread, 1 rank x 2 threads (the same two cores as two
-ranks) and 2 ranks x 1 thread, and the settings take turns for --rounds rounds (medians
-reported). Prefill: one prompt of --prompt tokens, no prefix cache, best of 3. Decode: --batch
-sequences of 32-token prompts, --tokens greedy tokens each, after the first. Then DeepSeek-V3's
-communication per token at TP=8 / EP=64, on paper.
+ranks) and 2 ranks x 1 thread, the 2 ranks' collectives through shared memory (the default on
+one host) or through gloo (THRIFTY_SHM_COLLECTIVES=0), and the settings take turns for --rounds
+rounds (medians reported). Prefill: one prompt of --prompt tokens, no prefix cache, best of 3.
+Decode: --batch sequences of 32-token prompts, --tokens greedy tokens each, after the first.
+Then DeepSeek-V3's communication per token at TP=8 / EP=64, on paper.
 
     .venv/bin/python benchmarks/tensor_parallel.py [--model smollm2-135m-instruct] [--rounds 3]
 """
@@ -22,11 +23,12 @@ import subprocess
 import sys
 import time
 
-SETTINGS = [(1, 1), (1, 2), (2, 1)]  # (ranks, threads per rank)
+# (ranks, threads per rank, collectives over gloo rather than shared memory)
+SETTINGS = [(1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True)]
 
 
 def measure(path: str, ranks: int, threads: int, prompt: int, tokens: int, batches: list[int]):
-    from thrifty import SamplingParams, hub
+    from thrifty import SamplingParams, distributed, hub
     from thrifty.config import EngineConfig, resolve_dtype
     from thrifty.engine.llm_engine import LLMEngine
 
@@ -56,11 +58,12 @@ def measure(path: str, ranks: int, threads: int, prompt: int, tokens: int, batch
 
     ids = [(i * 7919) % 49000 + 100 for i in range(prompt)]
     run([ids[:64]], greedy)  # warm up
-    result = {"prefill": prompt / min(run([ids], greedy)[0] for _ in range(3))}
+    result: dict = {"prefill": prompt / min(run([ids], greedy)[0] for _ in range(3))}
     decode = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
     for b in batches:
         prompts = [[(t * 31 + s * 977) % 49000 + 100 for t in range(32)] for s in range(b)]
         result[f"decode{b}"] = b * tokens / run(prompts, decode)[1]
+    result["transport"] = distributed.transport() if ranks > 1 else "-"
     return result
 
 
@@ -105,29 +108,30 @@ def main() -> None:
         model, ranks, threads = args.measure[0], int(args.measure[1]), int(args.measure[2])
         print(json.dumps(measure(model, ranks, threads, args.prompt, args.tokens, args.batch)))
         return
-    runs: dict[tuple[int, int], list[dict]] = {s: [] for s in SETTINGS}
+    runs: dict[tuple[int, int, bool], list[dict]] = {s: [] for s in SETTINGS}
     loads = []
     for _ in range(args.rounds):
-        for ranks, threads in SETTINGS:
+        for ranks, threads, gloo in SETTINGS:
             cmd = [sys.executable, __file__, "--prompt", str(args.prompt), "--tokens",
                    str(args.tokens), "--batch", *map(str, args.batch),
                    "--measure", args.model, str(ranks), str(threads)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            env = {**os.environ, "THRIFTY_SHM_COLLECTIVES": "0" if gloo else "1"}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if out.returncode:
                 sys.exit(f"{ranks} rank(s): {out.stderr[-2000:]}")
-            runs[ranks, threads].append(json.loads(out.stdout.splitlines()[-1]))
+            runs[ranks, threads, gloo].append(json.loads(out.stdout.splitlines()[-1]))
             loads.append(os.getloadavg()[0])
     print(
         f"{args.model}, medians of {args.rounds} rounds, load average"
         f" {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cores"
     )
     head = " | ".join(f"decode batch {b} (tok/s)" for b in args.batch)
-    print(f"| ranks x threads | prefill {args.prompt} tok (tok/s) | {head} |")
-    print("|---|---|" + "---|" * len(args.batch))
-    for (ranks, threads), rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    print(f"| ranks x threads | collectives | prefill {args.prompt} tok (tok/s) | {head} |")
+    print("|---|---|---|" + "---|" * len(args.batch))
+    for (ranks, threads, _), rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "transport"}
         cells = " | ".join(f"{med[f'decode{b}']:.1f}" for b in args.batch)
-        print(f"| {ranks} x {threads} | {med['prefill']:.0f} | {cells} |")
+        print(f"| {ranks} x {threads} | {rs[0]['transport']} | {med['prefill']:.0f} | {cells} |")
     print("\nDeepSeek-V3 at TP=8 / EP=64, bytes each rank sends per token (on paper):\n")
     print(deepseek_v3_on_paper())
 

@@ -153,6 +153,29 @@ def _two_ranks(path: Path, prompts: list[list[int]] = PROMPTS) -> list[list[int]
     return json.loads(run.stdout)
 
 
+@pytest.mark.parametrize("shm", ["1", "0"], ids=["shared memory", "gloo"])
+def test_collectives_on_two_ranks(shm):
+    """All-reduce (float32, bf16, a transposed view, in several rounds of a 4 KiB slot), uneven
+    all-gather and the step's broadcast give what gloo gives; the segment's file is gone once
+    mapped; a rank that dies makes its peer's wait raise within seconds, not hang."""
+    script = Path(__file__).with_name("tp_collectives.py")
+    run = subprocess.run(
+        [sys.executable, str(script), "4096"],
+        env={**os.environ, "THRIFTY_SHM_COLLECTIVES": shm},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result.pop("transport") == ("shared memory" if shm == "1" else "gloo")
+    dead, seconds = result.pop("a dead peer"), result.pop("seconds to notice")
+    assert all(result.values()), result
+    assert dead != "no error" and seconds < 10, (dead, seconds)
+    if shm == "1":
+        assert "rank 1" in dead and "is gone" in dead
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_decode_the_tokens_of_one(case, tmp_path):
     path = tiny(case, tmp_path)
@@ -402,6 +425,7 @@ def test_server_with_two_ranks(smollm2_gguf):
         ranks_bytes = status.json()["rank_weight_bytes"]
         assert len(ranks_bytes) == 2 and ranks_bytes[0] > ranks_bytes[1] > 0
         assert status.json()["weight_bytes"] == sum(ranks_bytes)
+        assert status.json()["collectives"] == "shared memory"  # both ranks on this host
         server = procs[0]
         ranks = [p for p in _children(server.pid) if _alive(p)]
         assert ranks, "rank 1 is not a child of the server"

@@ -4,7 +4,9 @@ One group spans every rank: attention heads (whole KV-head groups), MLP columns 
 are split across all of them (tensor parallel) and so are a MoE layer's experts (expert parallel,
 EP = TP), in near-equal contiguous runs where the ranks do not divide them (`Shard`). Rank 0 runs
 the scheduler and samples; each step it broadcasts the batch (`broadcast_step`) and every rank
-runs the same forward on its shards. Gloo on the CPU, NCCL on CUDA.
+runs the same forward on its shards. Gloo on the CPU, NCCL on CUDA; CPU ranks on one host send
+the hot path's collectives (all-reduce, all-gather, the step) through shared memory instead
+(`shm_group`), unless THRIFTY_SHM_COLLECTIVES=0.
 
 With one process (the default) the group is never made: layers are built whole and nothing here
 runs on the hot path.
@@ -12,18 +14,24 @@ runs on the hot path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import secrets
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from thrifty.errors import ThriftyError
+from thrifty.shm_group import CAPACITY, ShmGroup, segment_bytes
 
 _rank = 0
 _world_size = 1
+_shm: ShmGroup | None = None  # ranks on one host (CPU): the collectives below go through it
 
 
 def rank() -> int:
@@ -52,14 +60,72 @@ def init(rank: int, world_size: int, init_method: str, device: str) -> str:
         timeout=datetime.timedelta(minutes=30),
     )
     _rank, _world_size = rank, world_size
+    global _shm
+    if backend == "gloo" and os.environ.get("THRIFTY_SHM_COLLECTIVES", "1") != "0":
+        _shm = _join_shared_memory()
     return device
 
 
+def transport() -> str:
+    """How the hot path's collectives travel: "shared memory", or the backend's name."""
+    return "shared memory" if _shm is not None else dist.get_backend()
+
+
 def close() -> None:
-    global _rank, _world_size
+    global _rank, _world_size, _shm
+    if _shm is not None:
+        _shm.close()
+        _shm = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _rank, _world_size = 0, 1
+
+
+def _join_shared_memory() -> ShmGroup | None:
+    """Every rank maps one segment that rank 0 makes in /dev/shm, if they all run on this host
+    (and the segment can be made and the compiled counters loaded); None leaves gloo to carry
+    everything. The file is unlinked once every rank has mapped it: nothing is left behind,
+    however the ranks end."""
+    from thrifty import kernels
+
+    hosts = gather_object((socket.gethostname(), os.getpid()))
+    if len({host for host, _ in hosts}) > 1 or not kernels.cpu_ops_available():
+        return None
+    box: list[Any] = [None]
+    if _rank == 0:
+        box[0] = _make_segment()
+    dist.broadcast_object_list(box, src=0)
+    group = None
+    if box[0] is not None:
+        peers = [None if r == _rank else pid for r, (_, pid) in enumerate(hosts)]
+        with contextlib.suppress(OSError):
+            group = ShmGroup(box[0], _rank, _world_size, peers, CAPACITY)
+    mapped = gather_object(group is not None)
+    if _rank == 0 and box[0] is not None:
+        box[0].unlink()
+    if not all(mapped):
+        if group is not None:
+            group.close()
+        return None
+    return group
+
+
+def _make_segment() -> Path | None:
+    """A new file in /dev/shm with room for the group's segment, its memory reserved now (an
+    overfull tmpfs fails here, not with a SIGBUS mid-step); None where it cannot be made."""
+    path = Path("/dev/shm") / f"thrifty-tp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, segment_bytes(_world_size, CAPACITY))
+    except (OSError, AttributeError):
+        path.unlink()
+        return None
+    finally:
+        os.close(fd)
+    return path
 
 
 def chunk(total: int, groups: int, index: int) -> tuple[int, int]:
@@ -147,6 +213,8 @@ def local_kv_heads(num_heads: int, num_kv_heads: int) -> int:
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum x over the ranks, in place: the one reduction of row-parallel layers."""
+    if _shm is not None:
+        return _shm.all_reduce(x)
     dist.all_reduce(x)
     return x
 
@@ -160,8 +228,11 @@ def all_gather(x: torch.Tensor, dim: int, sizes: list[int] | None = None) -> tor
         pad = list(x.shape)
         pad[dim] = most - x.shape[dim]
         x = torch.cat((x, x.new_zeros(pad)), dim=dim)
-    parts = [torch.empty_like(x) for _ in range(_world_size)]
-    dist.all_gather(parts, x.contiguous())
+    if _shm is not None:
+        parts = _shm.all_gather(x)
+    else:
+        parts = [torch.empty_like(x) for _ in range(_world_size)]
+        dist.all_gather(parts, x.contiguous())
     if sizes and min(sizes) < most:
         parts = [p.narrow(dim, 0, n) for p, n in zip(parts, sizes, strict=True)]
     return torch.cat(parts, dim=dim)
@@ -195,11 +266,16 @@ def gather_object(obj: Any) -> list[Any]:
 
 def broadcast_step(step: Any) -> None:
     """Rank 0: send the step's inputs (a picklable object; None ends the workers' loop)."""
+    if _shm is not None:
+        _shm.broadcast(step)
+        return
     dist.broadcast_object_list([step], src=0)
 
 
 def receive_step() -> Any:
     """Ranks > 0: the step rank 0 broadcast."""
+    if _shm is not None:
+        return _shm.broadcast()
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from thrifty import distributed
 from thrifty.engine.llm_engine import LLMEngine
 from thrifty.errors import ThriftyError
 from thrifty.generation_defaults import GenerationDefaults
@@ -30,6 +31,9 @@ class Status:
         self.started = time.time()
         self.rank_weight_bytes = engine.rank_weight_bytes  # each rank's shards, in rank order
         self.weight_bytes = sum(self.rank_weight_bytes)
+        # How the ranks' collectives travel (shared memory on one host), None for one process.
+        several = len(self.rank_weight_bytes) > 1
+        self.collectives = distributed.transport() if several else None
 
     def read(self) -> dict[str, Any]:
         e = self.engine
@@ -43,6 +47,7 @@ class Status:
             "max_model_len": e.max_model_len,
             "weight_bytes": self.weight_bytes,
             "rank_weight_bytes": self.rank_weight_bytes,
+            "collectives": self.collectives,
             "resident_bytes": _resident_bytes(),
             "uptime_s": round(time.time() - self.started, 1),
             "running": len(e.scheduler.running),

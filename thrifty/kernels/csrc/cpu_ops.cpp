@@ -1,5 +1,6 @@
 // Small CPU ops of the decode step, where torch's per-op overhead outweighs the work:
-// paged decode attention, RMSNorm, rotary embedding, the KV store, SwiGLU and argmax.
+// paged decode attention, RMSNorm, rotary embedding, the KV store, SwiGLU and argmax; and the
+// tensor-parallel ranks' shared-memory collectives (shm_sync.h).
 //
 // Decode attention straight over the paged KV cache: one query token per sequence, keys and
 // values read in place through the block table (no gather into a padded copy).
@@ -17,6 +18,8 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include "vec16.h"  // f16v: 16 float lanes on AVX-512 or AVX2; exp8
 #endif
+
+#include "shm_sync.h"
 
 #include <algorithm>
 #include <cmath>
@@ -687,4 +690,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rotate q and k of the fused qkv, store k and v in their cache slots, return q");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up], float32 inside");
   m.def("argmax_rows", &argmax_rows, "first index of each float32 row's maximum");
+  thrifty_shm::bind(m);
 }
