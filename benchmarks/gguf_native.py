@@ -13,7 +13,8 @@ embedding). Load: seconds to construct the LLM (weights, tokenizer, KV cache).
 
 Kernels (`--kernels`): the GEMV at one row on each weight shape of both models, every layer's
 weight of that shape in turn (as a decode step reads them; the L3 here is 300 MiB), GB/s of the
-repacked bytes; and (`--crossover`) GEMV against dequantize + torch matmul by rows of x.
+repacked bytes; and (`--crossover`) GEMV against dequantize + torch matmul (and, on AVX2, the
+int16 GEMM) by rows of x.
 
     python benchmarks/gguf_native.py --json benchmarks/results/gguf_native.json
     python benchmarks/gguf_native.py --kernels --crossover
@@ -253,16 +254,21 @@ def kernels(args: argparse.Namespace) -> None:
                     f"| {t / len(ws) * 1e6:.0f} | {nbytes / t / 1e9:.1f} |"
                 )
         if args.crossover:
+            # AVX2 builds also have the int16 GEMM (x rounded to int16, blocked for registers).
+            paths = {"GEMV": ggml_kernels.gemv, "GEMM": ggml_kernels.gemm}
+            if ggml_kernels.i16_rows():
+                paths["int16 GEMM"] = ggml_kernels.gemm_i16
             print(f"\n{key}: GEMV vs dequantize + torch matmul, us per call (first weight)")
-            print("| format | N x K | rows | GEMV | GEMM |")
-            print("|---|---|---|---|---|")
+            print(f"| format | N x K | rows | {' | '.join(paths)} |")
+            print("|---|---|---|" + "---|" * len(paths))
             for (fmt, group, n, k), ws in sorted(shapes.items(), key=lambda kv: -len(kv[1])):
                 w, s = ws[0]
-                for rows in (1, 4, 8, 12, 16, 24, 32, 64):
+                for rows in (1, 4, 8, 12, 16, 24, 32, 64, 128):
                     x = torch.randn(rows, k, dtype=dtype)
-                    a = _median_s(lambda x=x, w=w, s=s: ggml_kernels.gemv(x, w, s), args.reps)
-                    b = _median_s(lambda x=x, w=w, s=s: ggml_kernels.gemm(x, w, s), args.reps)
-                    us = f"{a * 1e6:.0f} | {b * 1e6:.0f}"
+                    us = " | ".join(
+                        f"{_median_s(lambda f=f, x=x, w=w, s=s: f(x, w, s), args.reps) * 1e6:.0f}"
+                        for f in paths.values()
+                    )
                     print(f"| {fmt}/{group} | {n} x {k} | {rows} | {us} |")
 
 

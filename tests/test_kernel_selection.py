@@ -34,8 +34,9 @@ def test_the_gguf_gemv_is_built_for_the_widest_vectors_here():
     assert ggml_kernels.available() == (AVX512_BF16 or AVX2)
     # AVX2 has no bf16 dot products: it rounds x to int16 and multiplies integers (vpmaddwd).
     assert ggml_kernels.quantizes_x() == (not AVX512_BF16 and AVX2)
-    # Against float32 matmul (AVX2) the GEMV pays to 16 rows; against oneDNN's bf16 to 8.
-    assert ggml_kernels.max_rows() == (8 if AVX512_BF16 else 16)
+    # The GEMV pays to 8 rows on either build; AVX2 then has its int16 GEMM to 64 rows.
+    assert ggml_kernels.max_rows() == 8
+    assert ggml_kernels.i16_rows() == (0 if AVX512_BF16 or not AVX2 else 64)
 
 
 def test_the_start_up_line_names_what_each_kernel_runs_on():
@@ -56,7 +57,7 @@ def test_a_bf16_linear_packs_where_it_can_and_matches_torch_either_way():
     torch.testing.assert_close(model(x).float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, 16, 17])
+@pytest.mark.parametrize("rows", [1, 8, 9, 16, 17, 64, 65])
 def test_a_gguf_linear_runs_compiled_on_this_cpu(rows):
     g = torch.Generator().manual_seed(rows)
     n, k = 40, 256
@@ -66,11 +67,11 @@ def test_a_gguf_linear_runs_compiled_on_this_cpu(rows):
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
     layer.weight_scale_inv = scale
     x = torch.randn(rows, k, generator=g)
-    # Up to max_rows() the GEMV (8 on AVX-512; 16 on AVX2, x rounded to int16), beyond the
-    # dequantizing GEMM.
+    # Up to max_rows() the GEMV (on AVX2 x rounded to int16), then on AVX2 to i16_rows() the
+    # int16 GEMM (x rounded alike), beyond the dequantizing GEMM.
     want = (
         ggml_kernels.reference_gemv(x, weight, scale)
-        if rows <= ggml_kernels.max_rows()
+        if rows <= max(ggml_kernels.max_rows(), ggml_kernels.i16_rows())
         else F.linear(x, ggml.dequantize(weight, scale))
     )
     torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)

@@ -1,11 +1,13 @@
 """GGUF-quantized (q4 / q5 / q8) linear on the CPU, compiled on first use (csrc/ggml_gemv.cpp).
 
 Up to `max_rows()` rows of x a GEMV that reads the quantized bytes once and decodes them in
-registers; beyond, a panel of rows of the weight at a time dequantized into x's dtype for
-torch's matmul (oneDNN, with AMX on this Xeon). Both are held to
-`thrifty.quant.ggml.reference_linear` by tests/test_quant_gguf.py. Built for AVX-512 (F, BW, VL,
-BF16) or, on CPUs without it, for AVX2 + FMA; elsewhere, or if the build fails, the reference
-runs (it dequantizes the whole weight on every call).
+registers; on AVX2, up to `i16_rows()` rows an int16 GEMM blocked for registers (csrc/
+ggml_gemm_i16.h: x rounded to int16 as the GEMV rounds it); beyond, a panel of rows of the
+weight at a time dequantized into x's dtype for torch's matmul (oneDNN, with AMX on a Xeon). All
+are held to `thrifty.quant.ggml.reference_linear` or `reference_gemv` by
+tests/test_quant_gguf.py. Built for AVX-512 (F, BW, VL, BF16) or, on CPUs without it, for AVX2 +
+FMA; elsewhere, or if the build fails, the reference runs (it dequantizes the whole weight on
+every call).
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ AVX2_KERNEL = Kernel(
 )
 
 
-# Up to this many rows of x the GEMV beats dequantize + torch's matmul, per build
-# (benchmarks/gguf_native.py --crossover): AVX-512 (bf16 x; oneDNN with AMX beyond) at 8, on
-# most weight shapes of SmolLM2 and Qwen2.5-0.5B; AVX2 (x rounded to int16; torch's float32
-# matmul beyond, at this 2-core EPYC's FMA peak) at 16 on 9 of 12 shapes
+# Up to this many rows of x the GEMV beats the next path, per build (benchmarks/gguf_native.py
+# --crossover): AVX-512 (bf16 x; dequantize + oneDNN, with AMX, beyond) at 8, on most weight
+# shapes of SmolLM2 and Qwen2.5-0.5B; AVX2 (x rounded to int16) at 8, beyond which its int16
+# GEMM, blocked for registers, takes over up to I16_MAX_ROWS rows, and dequantize + torch's
+# float32 matmul (at this 2-core EPYC's FMA peak) beyond that
 # (benchmarks/results/gguf_crossover_avx2.md).
-MAX_ROWS = {AVX512_KERNEL.name: 8, AVX2_KERNEL.name: 16}
+MAX_ROWS = {AVX512_KERNEL.name: 8, AVX2_KERNEL.name: 8}
+I16_MAX_ROWS = 64
 
 
 @functools.cache
@@ -67,6 +71,12 @@ def max_rows() -> int:
     return MAX_ROWS[kernel().name]
 
 
+def i16_rows() -> int:
+    """The most rows of x this CPU's build sends to its int16 GEMM (0: it has none)."""
+    ext = _extension()
+    return I16_MAX_ROWS if ext is not None and hasattr(ext, "ggml_gemm_i16") else 0
+
+
 def available() -> bool:
     """Whether the compiled kernels are loaded (builds them on the first call)."""
     return _extension() is not None
@@ -83,7 +93,8 @@ def linear_kernel(
     weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`linear` for one weight, its format and kernels looked up once: the GEMV up to max_rows()
-    rows of x, the dequantizing GEMM beyond, the reference where the kernels cannot run."""
+    rows of x, the int16 GEMM up to i16_rows() (AVX2), the dequantizing GEMM beyond, the
+    reference where the kernels cannot run."""
     if scale is None:
         raise ValueError(f"a GGUF-quantized weight {tuple(weight.shape)} needs its group scales")
     fmt, group = ggml.format_of(weight, scale)
@@ -91,12 +102,17 @@ def linear_kernel(
     if ext is None or not (weight.is_contiguous() and scale.is_contiguous()):
         return lambda x: ggml.reference_linear(x, weight, scale, bias)
     code, gemv, gemm = _FORMATS[fmt], ext.ggml_gemv, ext.ggml_gemm
-    max_numel = max_rows() * ggml.in_features(weight, scale)
+    k = ggml.in_features(weight, scale)
+    gemv_numel = max_rows() * k
+    i16_numel = i16_rows() * k if k % 32 == 0 else 0
+    i16 = getattr(ext, "ggml_gemm_i16", None)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
             return ggml.reference_linear(x, weight, scale, bias)
-        return (gemv if x.numel() <= max_numel else gemm)(x, weight, scale, bias, code, group)
+        n = x.numel()
+        kernel = gemv if n <= gemv_numel else i16 if n <= i16_numel else gemm
+        return kernel(x, weight, scale, bias, code, group)
 
     return run
 
@@ -115,6 +131,15 @@ def gemv(
     """The GEMV path at any M (for tests and the crossover benchmark)."""
     fmt, group = ggml.format_of(weight, scale)
     return _extension().ggml_gemv(x, weight, scale, bias, _FORMATS[fmt], group)
+
+
+def gemm_i16(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The int16 GEMM at any M (AVX2 builds only; for tests and the crossover benchmark): what
+    reference_gemv computes, as the GEMV does."""
+    fmt, group = ggml.format_of(weight, scale)
+    return _extension().ggml_gemm_i16(x, weight, scale, bias, _FORMATS[fmt], group)
 
 
 def quantizes_x() -> bool:

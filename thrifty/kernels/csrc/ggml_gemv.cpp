@@ -513,6 +513,8 @@ void quantize_x(const T* x, int64_t M, int64_t K, int16_t* xq, float* dx, float*
     xsum[i] = sum;
   }
 }
+
+#include "ggml_gemm_i16.h"  // the int16 path blocked for many rows of x
 #endif  // !__AVX512F__
 
 torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
@@ -625,6 +627,45 @@ torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
   return y.view(out_shape(x, L.N));
 }
 
+#if !defined(__AVX512F__)
+// Many rows of x, x rounded to int16 as the GEMV rounds it: ggml_gemm_i16.h.
+torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
+                            int64_t fmt, int64_t G) {
+  const Layout L = check(weight, scale, fmt, G);
+  check_x(L, x, bias);
+  TORCH_CHECK(L.K % 32 == 0, "the int16 GEMM needs K a multiple of 32");
+  const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, L.N}, x.options());
+  if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
+  const int64_t xgroups = L.K / 32;
+  torch::Tensor scratch = torch::empty({M * xgroups * 8 + M * L.K * 2}, x.options().dtype(at::kByte));
+  auto dp = reinterpret_cast<float*>(scratch.data_ptr());
+  auto sp = dp + M * xgroups;
+  auto qp = reinterpret_cast<int16_t*>(sp + M * xgroups);
+  auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  auto sc = scale.data_ptr<float>();
+  auto run = [&](auto* xp, auto* bp, auto* yp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    quantize_x(xp, M, L.K, qp, dp, sp);
+    if (fmt == kQ4) ggml_i16::gemm<kQ4, 32, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
+    else if (fmt == kQ5) ggml_i16::gemm<kQ5, 32, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
+    else if (G == 32) ggml_i16::gemm<kQ8, 32, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
+    else ggml_i16::gemm<kQ8, 16, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    using B = at::BFloat16;
+    run(reinterpret_cast<const B*>(x2.data_ptr()),
+        bias ? reinterpret_cast<const B*>(bias->data_ptr()) : nullptr,
+        reinterpret_cast<B*>(y.data_ptr()));
+  } else {
+    run(x2.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  }
+  return y.view(out_shape(x, L.N));
+}
+#endif
+
 // Rows `ids` of W, dequantized into `dtype` (the token embedding of a quantized table).
 torch::Tensor ggml_rows(const torch::Tensor& weight, const torch::Tensor& scale,
                         const torch::Tensor& ids, int64_t fmt, int64_t G, at::ScalarType dtype) {
@@ -681,5 +722,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("quantizes_x") = false;
 #else
   m.attr("quantizes_x") = true;  // the GEMV's x is rounded to int16 per group of 32
+  m.def("ggml_gemm_i16", &ggml_gemm_i16, "y = x @ W^T + b, many rows, x rounded to int16");
 #endif
 }
