@@ -44,7 +44,7 @@ def world_size() -> int:
 
 def init(rank: int, world_size: int, init_method: str, device: str) -> str:
     """Join the group as `rank`; returns this rank's device (cuda:<rank> for a CUDA device)."""
-    global _rank, _world_size
+    global _rank, _world_size, _shm
     if device.partition(":")[0] == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
@@ -60,7 +60,6 @@ def init(rank: int, world_size: int, init_method: str, device: str) -> str:
         timeout=datetime.timedelta(minutes=30),
     )
     _rank, _world_size = rank, world_size
-    global _shm
     if backend == "gloo" and os.environ.get("THRIFTY_SHM_COLLECTIVES", "1") != "0":
         _shm = _join_shared_memory()
     return device
@@ -88,8 +87,9 @@ def _join_shared_memory() -> ShmGroup | None:
     however the ranks end."""
     from thrifty import kernels
 
-    hosts = gather_object((socket.gethostname(), os.getpid()))
-    if len({host for host, _ in hosts}) > 1 or not kernels.cpu_ops_available():
+    # Decided from what every rank says, so that all of them take the same way.
+    ranks = gather_object((socket.gethostname(), os.getpid(), kernels.cpu_ops_available()))
+    if len({host for host, _, _ in ranks}) > 1 or not all(ops for _, _, ops in ranks):
         return None
     box: list[Any] = [None]
     if _rank == 0:
@@ -97,7 +97,7 @@ def _join_shared_memory() -> ShmGroup | None:
     dist.broadcast_object_list(box, src=0)
     group = None
     if box[0] is not None:
-        peers = [None if r == _rank else pid for r, (_, pid) in enumerate(hosts)]
+        peers = [None if r == _rank else pid for r, (_, pid, _) in enumerate(ranks)]
         with contextlib.suppress(OSError):
             group = ShmGroup(box[0], _rank, _world_size, peers, CAPACITY)
     mapped = gather_object(group is not None)
