@@ -263,7 +263,7 @@ def kernels(args: argparse.Namespace) -> None:
             print("|---|---|---|" + "---|" * len(paths))
             for (fmt, group, n, k), ws in sorted(shapes.items(), key=lambda kv: -len(kv[1])):
                 w, s = ws[0]
-                for rows in (1, 4, 8, 12, 16, 24, 32, 64, 128):
+                for rows in (1, 4, 6, 8, 12, 16, 24, 32, 64, 128):
                     x = torch.randn(rows, k, dtype=dtype)
                     us = " | ".join(
                         f"{_median_s(lambda f=f, x=x, w=w, s=s: f(x, w, s), args.reps) * 1e6:.0f}"
