@@ -112,13 +112,15 @@ void kv_rows(const R* kc, const R* vc, const int64_t* table, int64_t len, int64_
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-
+#if defined(__AVX2__) && defined(__FMA__)
 template <typename R>
 inline void prefetch_row(const R* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < D * int64_t(sizeof(R)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 // One (sequence, kv head) task, C chunks of 16 lanes per head (D <= 16 C; lanes past D are
 // masked off by `tail`). k[t], v[t]: the rows of token t, len + 15 of them (the extra repeat
@@ -235,7 +237,13 @@ template <typename R, int C>
 void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
                   float* scores, float* out) {
   const int64_t padded = (len + 7) / 8 * 8;
+  // As the AVX-512 task: the block table scatters the rows where the hardware prefetcher
+  // can't follow, so the next 8 keys are fetched while these are scored, values kAhead ahead.
+  constexpr int64_t kAhead = 8;
+  const int64_t D = 8 * C;
+  for (int64_t t = 0; t < std::min<int64_t>(8, len); ++t) prefetch_row(k[t], D);
   for (int64_t t0 = 0; t0 < len; t0 += 8) {
+    for (int64_t t = t0 + 8; t < std::min(t0 + 16, len); ++t) prefetch_row(k[t], D);
     for (int64_t g = 0; g < G; ++g) {
       __m256 dots[8];
       for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
@@ -270,7 +278,10 @@ void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t
     const __m256 inv = _mm256_set1_ps(1.f / sum);
     __m256 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+    if (g == 0)
+      for (int64_t t = 0; t < std::min(kAhead, len); ++t) prefetch_row(v[t], D);
     for (int64_t t = 0; t < len; ++t) {
+      if (g == 0 && t + kAhead < len) prefetch_row(v[t + kAhead], D);
       const __m256 pt = _mm256_broadcast_ss(s + t);
       for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pt, load8(v[t] + c * 8), acc[c]);
     }

@@ -34,6 +34,8 @@
 #include <immintrin.h>
 #endif
 
+// Hidden, as pybind11's own types are (else gcc warns that the bound class is more visible).
+#pragma GCC visibility push(hidden)
 namespace thrifty_shm {
 
 constexpr int64_t kLine = 64;  // each rank's counter on a cache line of its own
@@ -203,3 +205,4 @@ inline void bind(pybind11::module& m) {
 }
 
 }  // namespace thrifty_shm
+#pragma GCC visibility pop
