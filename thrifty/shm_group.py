@@ -73,21 +73,24 @@ class ShmGroup:
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's picklable `obj`, on every rank (rank 0 gets its own back). Each round
         carries the pickle's length in its first 8 bytes, then the next slot's worth of it."""
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == 0 else b""
-        room, total, got = self.capacity - 8, len(data), bytearray()
+        room = self.capacity - 8
+        if self.rank == 0:
+            data = memoryview(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+            for start in range(0, max(len(data), 1), room):
+                chunk = data[start : start + room]
+                at = self.group.offset((self.group.seq + 1) % 2, 0)  # rank 0's slot, next round
+                self.mm[at : at + 8] = len(data).to_bytes(8, "little")
+                self.mm[at + 8 : at + 8 + len(chunk)] = chunk
+                self.group.sync()
+            return obj
+        got = bytearray()
         while True:
-            at = self.group.offset((self.group.seq + 1) % 2, 0)  # rank 0's slot, next round
-            if self.rank == 0:
-                chunk = data[len(got) : len(got) + room]
-                self.mm[at : at + 8 + len(chunk)] = total.to_bytes(8, "little") + chunk
-                got += chunk
-                self.group.sync()
-            else:
-                self.group.sync()
-                total = int.from_bytes(self.mm[at : at + 8], "little")
-                got += self.mm[at + 8 : at + 8 + min(room, total - len(got))]
+            at = self.group.offset((self.group.seq + 1) % 2, 0)
+            self.group.sync()
+            total = int.from_bytes(self.mm[at : at + 8], "little")
+            got += self.mm[at + 8 : at + 8 + min(room, total - len(got))]
             if len(got) >= total:
-                return obj if self.rank == 0 else pickle.loads(got)
+                return pickle.loads(got)
 
     def close(self) -> None:
         self.group = None

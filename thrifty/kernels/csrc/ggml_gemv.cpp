@@ -515,6 +515,42 @@ void quantize_x(const T* x, int64_t M, int64_t K, int16_t* xq, float* dx, float*
 }
 
 #include "ggml_gemm_i16.h"  // the int16 path blocked for many rows of x
+
+// The weight's format as template arguments, for the int16 kernels.
+template <Format F, int G>
+struct FormatTag {
+  static constexpr Format format = F;
+  static constexpr int group = G;
+};
+
+// x2 (M, K) rounded to int16 (quantize_x: qx, dx, and x's float sums into xsum, M x groups),
+// then kernel(FormatTag, qx, dx, xsum, bias, y) for the weight's format and x's dtype: what
+// the GEMV's and the int16 GEMM's int16 paths share.
+template <typename Kernel>
+void on_int16_x(const Layout& L, const torch::Tensor& x2, const std::optional<torch::Tensor>& bias,
+                torch::Tensor& y, int64_t fmt, int64_t G, float* xsum, const Kernel& kernel) {
+  const int64_t M = x2.size(0);
+  // One scratch allocation per call (the decode step makes ~100 of these calls): dx, then qx.
+  torch::Tensor scratch =
+      torch::empty({M * L.groups * 4 + M * L.K * 2}, x2.options().dtype(at::kByte));
+  auto dp = reinterpret_cast<float*>(scratch.data_ptr());
+  auto qp = reinterpret_cast<int16_t*>(dp + M * L.groups);
+  auto run = [&](const auto* xp, const auto* bp, auto* yp) {
+    quantize_x(xp, M, L.K, qp, dp, xsum);
+    if (fmt == kQ4) kernel(FormatTag<kQ4, 32>{}, qp, dp, xsum, bp, yp);
+    else if (fmt == kQ5) kernel(FormatTag<kQ5, 32>{}, qp, dp, xsum, bp, yp);
+    else if (G == 32) kernel(FormatTag<kQ8, 32>{}, qp, dp, xsum, bp, yp);
+    else kernel(FormatTag<kQ8, 16>{}, qp, dp, xsum, bp, yp);
+  };
+  if (x2.scalar_type() == at::kBFloat16) {
+    using B = at::BFloat16;
+    run(reinterpret_cast<const B*>(x2.data_ptr()),
+        bias ? reinterpret_cast<const B*>(bias->data_ptr()) : nullptr,
+        reinterpret_cast<B*>(y.data_ptr()));
+  } else {
+    run(x2.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  }
+}
 #endif  // !__AVX512F__
 
 torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
@@ -549,29 +585,13 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
 #endif
 #if !defined(__AVX512F__)
   if (G == 32 || L.K % 32 == 0) {  // integer dot products on x rounded to int16 (quantize_x)
-    // One scratch allocation per call (the decode step makes ~100 of these calls): dx, then qx.
-    torch::Tensor scratch = torch::empty({M * L.groups * 4 + M * L.K * 2}, x.options().dtype(at::kByte));
-    auto dp = reinterpret_cast<float*>(scratch.data_ptr());
-    auto qp = reinterpret_cast<int16_t*>(dp + M * L.groups);
-    auto sp = xsum.data_ptr<float>();
     auto sc = scale.data_ptr<float>();
-    if (bf16) {
-      quantize_x(reinterpret_cast<const at::BFloat16*>(x2.data_ptr()), M, L.K, qp, dp, sp);
-      auto bp = bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr;
-      auto yp = reinterpret_cast<at::BFloat16*>(y.data_ptr());
-      if (fmt == kQ4) gemv_i16<kQ4, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else if (fmt == kQ5) gemv_i16<kQ5, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else if (G == 32) gemv_i16<kQ8, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else gemv_i16<kQ8, 16>(L, qp, dp, sp, wp, sc, bp, yp, M);
-    } else {
-      quantize_x(x2.data_ptr<float>(), M, L.K, qp, dp, sp);
-      auto bp = bias ? bias->data_ptr<float>() : nullptr;
-      auto yp = y.data_ptr<float>();
-      if (fmt == kQ4) gemv_i16<kQ4, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else if (fmt == kQ5) gemv_i16<kQ5, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else if (G == 32) gemv_i16<kQ8, 32>(L, qp, dp, sp, wp, sc, bp, yp, M);
-      else gemv_i16<kQ8, 16>(L, qp, dp, sp, wp, sc, bp, yp, M);
-    }
+    on_int16_x(L, x2, bias, y, fmt, G, xsum.data_ptr<float>(),
+               [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
+                   auto* yp) {
+                 using Tag = decltype(f);
+                 gemv_i16<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp, M);
+               });
     return y.view(out_shape(x, L.N));
   }
 #endif
@@ -639,29 +659,15 @@ torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
   if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
-  const int64_t xgroups = L.K / 32;
-  torch::Tensor scratch = torch::empty({M * xgroups * 8 + M * L.K * 2}, x.options().dtype(at::kByte));
-  auto dp = reinterpret_cast<float*>(scratch.data_ptr());
-  auto sp = dp + M * xgroups;
-  auto qp = reinterpret_cast<int16_t*>(sp + M * xgroups);
+  torch::Tensor xsum = torch::empty({M, L.groups}, x.options().dtype(at::kFloat));
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   auto sc = scale.data_ptr<float>();
-  auto run = [&](auto* xp, auto* bp, auto* yp) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    quantize_x(xp, M, L.K, qp, dp, sp);
-    if (fmt == kQ4) ggml_i16::gemm<kQ4, 32, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
-    else if (fmt == kQ5) ggml_i16::gemm<kQ5, 32, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
-    else if (G == 32) ggml_i16::gemm<kQ8, 32, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
-    else ggml_i16::gemm<kQ8, 16, T>(L, qp, dp, sp, wp, sc, bp, yp, M);
-  };
-  if (x.scalar_type() == at::kBFloat16) {
-    using B = at::BFloat16;
-    run(reinterpret_cast<const B*>(x2.data_ptr()),
-        bias ? reinterpret_cast<const B*>(bias->data_ptr()) : nullptr,
-        reinterpret_cast<B*>(y.data_ptr()));
-  } else {
-    run(x2.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
-  }
+  on_int16_x(L, x2, bias, y, fmt, G, xsum.data_ptr<float>(),
+             [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
+                 auto* yp) {
+               using Tag = decltype(f);
+               ggml_i16::gemm<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp, M);
+             });
   return y.view(out_shape(x, L.N));
 }
 #endif
