@@ -17,6 +17,11 @@ from thrifty import hub
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# `thrifty run` answers through a thrifty serve on this machine that has the model loaded
+# (thrifty/client.py): a developer's own server at the default address must not answer the
+# tests' runs, which load the model themselves unless a test points them at its server.
+os.environ["THRIFTY_LOCAL_URL"] = "http://127.0.0.1:1"
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from thrifty import hub
+from thrifty.client import LOCAL_URL_ENV, local_server
 from thrifty.server.metrics import unlabelled
 from thrifty.tokenizer import Tokenizer
 
@@ -184,13 +185,15 @@ def test_chat_full_and_streamed_agree(client, tokenizer):
     assert usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16
 
 
-def _thrifty(*argv: str) -> subprocess.CompletedProcess:
-    """The command line in a fresh interpreter, failing if it imported torch."""
+def _thrifty(*argv: str, env_added: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command line in a fresh interpreter (with `env_added`), failing if it imported
+    torch."""
     code = (
         "import sys, thrifty.cli; rc = thrifty.cli.main(sys.argv[1:]); "
         "assert 'torch' not in sys.modules, 'imported torch'; sys.exit(rc)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("THRIFTY_URL", "THRIFTY_API_KEY")}
+    env.update(env_added or {})
     cmd = [sys.executable, "-c", code, *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
@@ -227,6 +230,33 @@ def test_thrifty_run_through_the_server(url, client):
         out = _thrifty("run", *argv)
         assert out.returncode == 1 and message in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_thrifty_run_answers_through_the_local_server(url, client, monkeypatch):
+    # Without --url, `thrifty run` asks the thrifty serve on this machine ($THRIFTY_LOCAL_URL,
+    # default serve's own address) when it has the model loaded: the API's greedy answer, and
+    # no torch import.
+    local = {"THRIFTY_LOCAL_URL": url, "THRIFTY_API_KEY": KEY}
+    ask = ["--temperature", "0", "--max-tokens", "16"]
+    out = _thrifty("run", *ask, PARIS[0]["content"], env_added=local)
+    assert out.returncode == 0, out.stderr
+    want = (
+        client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=16)
+        .choices[0]
+        .message.content
+    )
+    assert out.stdout.strip() == want.strip()
+    # Where that server cannot answer, run loads the model itself: another model, a key the
+    # server refuses, no server there at all.
+    monkeypatch.setenv(LOCAL_URL_ENV, url)
+    assert local_server(MODEL, KEY).url == url
+    assert local_server("qwen2.5-coder-0.5b-instruct", KEY) is None
+    assert local_server(MODEL, "wrong") is None
+    monkeypatch.setenv(LOCAL_URL_ENV, f"http://127.0.0.1:{free_port()}")
+    assert local_server(MODEL, KEY) is None
+    # --local loads it here even so (and so imports torch).
+    out = _thrifty("run", *ask, "--local", "hi", env_added=local)
+    assert out.returncode == 1 and "imported torch" in out.stderr, out.stderr
 
 
 def test_completions_full_and_streamed(client, tokenizer):

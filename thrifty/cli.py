@@ -121,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key",
         default=os.environ.get("THRIFTY_API_KEY"),
-        help="the server's key, with --url (default: $THRIFTY_API_KEY)",
+        help="the server's key (default: $THRIFTY_API_KEY)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="load the model here even where a thrifty serve on this machine has it loaded (at"
+        " $THRIFTY_LOCAL_URL, default http://127.0.0.1:8000), which run otherwise answers"
+        " through",
     )
     _add_model_flags(p)
     _add_sampling_flags(p)
@@ -309,7 +316,13 @@ def _as_chat(args: argparse.Namespace, prompt: str) -> str | list[dict[str, str]
 def cmd_run(args: argparse.Namespace) -> None:
     model, prompt = _model_and_prompt(args.args)
     if args.url:
-        _run_on_server(args, model, prompt)
+        from thrifty.client import Server
+
+        _run_on_server(args, Server(args.url, args.api_key), model, prompt)
+        return
+    server = _serving(args, model, prompt)
+    if server is not None:
+        _run_on_server(args, server, model, prompt)
         return
     _params(args)  # validate before loading the model
     if prompt is None:
@@ -341,16 +354,37 @@ _LOCAL_ONLY = (
 )
 
 
-def _run_on_server(args: argparse.Namespace, model: str | None, prompt: str | None) -> None:
-    """`run --url`: the prompt to a running server, the answer streamed (thrifty/client.py)."""
-    from thrifty.client import Server
-
+def _local_flags(args: argparse.Namespace) -> list[str]:
+    """The _LOCAL_ONLY flags given, as typed."""
     defaults = build_parser().parse_args(["run"])
-    given = [
+    return [
         f"--{k.replace('_', '-')}"
         for k in _LOCAL_ONLY
         if getattr(args, k, None) != getattr(defaults, k, None)
     ]
+
+
+def _serving(args: argparse.Namespace, model: str | None, prompt: str | None):
+    """The `thrifty serve` on this machine that has `model` loaded, if `run` may answer through
+    it: a prompt to answer (a chat loads here), no flag that shapes a local load, not --local,
+    and a model named as serve names it (a local path loads here)."""
+    from pathlib import Path
+
+    from thrifty import hub
+    from thrifty.client import local_server
+
+    if args.local or prompt is None or _local_flags(args):
+        return None
+    name = model or hub.DEFAULT_MODEL
+    if Path(name).exists():
+        return None
+    return local_server(name, args.api_key)
+
+
+def _run_on_server(args: argparse.Namespace, server, model: str | None, prompt: str | None) -> None:
+    """`run --url`, or `run` with a local server that has the model: the prompt to the server,
+    the answer streamed (thrifty/client.py)."""
+    given = _local_flags(args)
     if given:
         raise ThriftyError(f"{given[0]} applies where thrifty loads the model, not with --url")
     if not prompt:
@@ -361,7 +395,6 @@ def _run_on_server(args: argparse.Namespace, model: str | None, prompt: str | No
     for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if getattr(args, key) is not None:  # else the server's model defaults
             params[key] = getattr(args, key)
-    server = Server(args.url, args.api_key)
     try:
         for delta in server.stream(server.model(model), _as_chat(args, prompt), params):
             print(delta, end="", flush=True)

@@ -1,15 +1,19 @@
-"""`thrifty run --url URL`: the answer from a running server, streamed.
+"""`thrifty run` through a running server: the answer streamed.
 
 As `ollama run` talks to `ollama serve`: the model stays loaded in `thrifty serve` (or any
 OpenAI-compatible server), and `run` neither imports torch nor loads weights, so the first token
-comes after one HTTP round trip and the server's prefill. Standard library only: this module
-must not pull in the engine.
+comes after one HTTP round trip and the server's prefill. `--url` names the server; without it,
+`run` still answers through a `thrifty serve` on this machine that has the model loaded
+(`local_server`). Standard library only: this module must not pull in the engine.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +21,22 @@ from typing import Any
 from thrifty.errors import ThriftyError
 
 TIMEOUT_S = 600.0  # a long answer on a slow CPU; the server's own limits apply first
+# Where `thrifty serve` listens unless told otherwise, and so where `run` looks for one.
+LOCAL_URL_ENV, LOCAL_URL = "THRIFTY_LOCAL_URL", "http://127.0.0.1:8000"
+PROBE_TIMEOUT_S = 1.0  # a local server answers its status in milliseconds
+
+
+def _opener(url: str):
+    """urlopen, without the environment's HTTP proxy for a loopback address (a proxy cannot
+    reach this machine's own server)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+    return urllib.request.urlopen
 
 
 class Server:
@@ -25,15 +45,18 @@ class Server:
     def __init__(self, url: str, api_key: str | None = None):
         self.url = url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key
+        self._open = _opener(self.url)
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(
+        self, path: str, body: dict[str, Any] | None = None, timeout: float = TIMEOUT_S
+    ) -> Any:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, headers=headers)
         try:
-            return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+            return self._open(request, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise ThriftyError(f"{self.url}: {_error_message(e)}") from None
         except (urllib.error.URLError, OSError) as e:
@@ -62,6 +85,11 @@ class Server:
             )
         return wanted
 
+    def status(self) -> dict[str, Any]:
+        """`thrifty serve`'s /thrifty/status: the loaded model, its path, the engine's load."""
+        with self._request("/thrifty/status", timeout=PROBE_TIMEOUT_S) as response:
+            return json.load(response)
+
     def stream(self, model: str, prompt: str | list[dict[str, str]], params: dict[str, Any]):
         """The answer's text deltas: a chat (messages) or a completion (raw text)."""
         chat = not isinstance(prompt, str)
@@ -70,6 +98,20 @@ class Server:
         path = "/v1/chat/completions" if chat else "/v1/completions"
         with self._request(path, body) as response:
             yield from _deltas(response, chat)
+
+
+def local_server(model: str, api_key: str | None) -> Server | None:
+    """The `thrifty serve` at $THRIFTY_LOCAL_URL (default: serve's own address) if it has
+    `model` (a registry name or hub id, as serve names it) loaded, else None: `thrifty run` then
+    answers through it instead of loading the model a second time. Anything else there (no
+    server, another model, another program, a key it refuses) means None, in about a
+    millisecond where nothing listens."""
+    server = Server(os.environ.get(LOCAL_URL_ENV) or LOCAL_URL, api_key)
+    try:
+        status = server.status()
+    except (ThriftyError, ValueError, OSError):
+        return None
+    return server if isinstance(status, dict) and status.get("model") == model else None
 
 
 def _deltas(lines, chat: bool) -> Iterator[str]:
