@@ -209,6 +209,10 @@ def test_kv_cache_holds_only_latent_and_rope_key(pair):
     # A full-head cache (K and V for every head) would need this many times more.
     full = 2 * cfg.num_layers * cfg.num_heads * m.qk_head_dim
     assert full / per_token == pytest.approx(2 * 4 * 48 / 48)
+    # The latent cache takes the activations' dtype only: another is refused, by its flag.
+    other = EngineConfig(dtype=torch.float32, kv_cache_dtype="bfloat16", num_kv_blocks=4)
+    with pytest.raises(ThriftyError, match="--kv-cache-dtype bfloat16"):
+        ModelRunner(model, cfg, other)
 
 
 def test_grouped_experts_equal_the_per_token_loop():

@@ -330,3 +330,17 @@ def test_malformed_chat_template_is_a_thrifty_error(hf_tokenizer):
 def test_malformed_message_is_a_thrifty_error(llm, message):
     with pytest.raises(ThriftyError, match="chat template"):
         llm.chat_prompt([message])
+
+
+def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_keeps_the_greedy_answers(llm):
+    # --kv-cache-dtype bfloat16 under SmolLM2's float32 activations: half the bytes a token in
+    # the same memory, and the compiled decode path reading it gives the same greedy tokens
+    # on a batch of prompts (keys and values rounded to bfloat16 move the logits by ~1e-3).
+    half = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_dtype="bfloat16", progress=False)
+    assert half.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert half.engine.runner.num_blocks == 2 * llm.engine.runner.num_blocks
+    prompts = [chat_ids(llm, m) for m in (COUNT, PARIS, POEM, MOON)]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in half.generate(prompts, params)]
+    assert got == want

@@ -419,7 +419,9 @@ SERVE = ("--tensor-parallel-size", "2", "--num-threads", "1", "--max-model-len",
 @pytest.mark.slow
 def test_server_with_two_ranks(smollm2_gguf):
     procs: list = []
-    with launch(*SERVE, env={"THRIFTY_API_KEY": KEY}, procs=procs) as url:
+    # Each rank keeps its heads' keys and values in bfloat16 (--kv-cache-dtype).
+    args = (*SERVE, "--kv-cache-dtype", "bfloat16")
+    with launch(*args, env={"THRIFTY_API_KEY": KEY}, procs=procs) as url:
         client = openai_client(url)
         question = [{"role": "user", "content": "What is the capital of France?"}]
         full = client.chat.completions.create(
@@ -436,6 +438,7 @@ def test_server_with_two_ranks(smollm2_gguf):
         ranks_bytes = status.json()["rank_weight_bytes"]
         assert len(ranks_bytes) == 2 and ranks_bytes[0] > ranks_bytes[1] > 0
         assert status.json()["weight_bytes"] == sum(ranks_bytes)
+        assert status.json()["kv_cache_dtype"] == "bfloat16"
         # Both ranks on this host: through shared memory wherever it can be had.
         want = "shared memory" if shared_memory_here() else "gloo"
         assert status.json()["collectives"] == want

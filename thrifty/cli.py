@@ -42,6 +42,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         " bfloat16, but float32 for a GGUF model on a CPU without AVX-512 BF16",
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        default="auto",
+        help="the KV cache's dtype; auto (default): the activations'. bfloat16 under float32"
+        " activations halves the cache's memory and decode attention's reads",
+    )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
         "--allow-pickle",
@@ -232,6 +239,8 @@ def _llm(args: argparse.Namespace, model: str | None, **kwargs: Any):
         kwargs["max_model_len"] = args.max_model_len
     if args.quantization:
         kwargs["quantization"] = args.quantization
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     if getattr(args, "num_threads", None):
         kwargs.setdefault("num_threads", args.num_threads)
     if getattr(args, "tensor_parallel_size", None):
@@ -343,6 +352,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 _LOCAL_ONLY = (
     "dtype",
     "device",
+    "kv_cache_dtype",
     "max_model_len",
     "allow_pickle",
     "quantization",
@@ -484,6 +494,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         **given(
             "max_num_seqs",
             "max_num_batched_tokens",

@@ -361,6 +361,15 @@ class EngineConfig:
     # Ranks that split the model (heads, MLP columns, vocabulary; MoE experts): 1 is one
     # process; more spawns the others, or joins torchrun's (thrifty/engine/ranks.py).
     tensor_parallel_size: int = 1
+    # The KV cache's dtype; None: the activations' (dtype). bfloat16 under float32 activations
+    # (a GGUF model on a CPU without AVX-512 BF16) halves the cache: twice the tokens in
+    # kv_cache_memory_bytes, and half the bytes decode attention reads. Keys and values are
+    # rounded once, as they are stored.
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
 
     def __post_init__(self) -> None:
         positive = (
@@ -376,3 +385,8 @@ class EngineConfig:
                 raise ThriftyError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.num_speculative_tokens < 0:
             raise ThriftyError("num-speculative-tokens must be 0 or more")
+        if isinstance(self.kv_cache_dtype, str):  # a name, as LLM(...) and the flags give it
+            name = self.kv_cache_dtype
+            object.__setattr__(
+                self, "kv_cache_dtype", None if name == "auto" else parse_dtype(name)
+            )

@@ -79,7 +79,7 @@ class LLMEngine:
         # Sized from the engine config before anything is loaded: a KV cache past the device's
         # memory is refused, and the rotary table covers the context served, which the KV cache
         # bounds, not the checkpoint's max_position_embeddings (MTP layers only shrink the cache).
-        bytes_per_token = kv_bytes_per_token(cfg, config.dtype)
+        bytes_per_token = kv_bytes_per_token(cfg, config.cache_dtype)
         check_kv_cache_fits(config, bytes_per_token)
         capacity = num_kv_blocks(config, bytes_per_token) * config.block_size
         context = min(config.max_model_len or cfg.max_position_embeddings, capacity)

@@ -106,11 +106,16 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        bytes_per_token = kv_bytes_per_token(cfg, config.dtype, model)
+        bytes_per_token = kv_bytes_per_token(cfg, config.cache_dtype, model)
         check_kv_cache_fits(config, bytes_per_token)
         self.num_blocks = num_kv_blocks(config, bytes_per_token)
         if hasattr(model, "kv_cache_layout"):
             # The model's own layout: (layer, block, slot, *per-token shape), a view per layer.
+            if config.cache_dtype != config.dtype:
+                raise ThriftyError(
+                    f"--kv-cache-dtype {str(config.cache_dtype).removeprefix('torch.')}: "
+                    f"{type(model).__name__}'s latent cache takes the activations' dtype only"
+                )
             layers, *per_token = model.kv_cache_layout()
             shape = (layers, self.num_blocks, config.block_size, *per_token)
             self.kv_cache = torch.empty(shape, dtype=config.dtype, device=self.device)
@@ -135,7 +140,7 @@ class ModelRunner:
             config.block_size,
             local_kv_heads(cfg),
             cfg.head_dim,
-            dtype=config.dtype,
+            dtype=config.cache_dtype,
             device=self.device,
         )
         self.kv_cache[:, :, NULL_BLOCK].zero_()

@@ -142,7 +142,8 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of one query per sequence over the paged cache, read through the block table.
+    """Attention of one query per sequence over the paged cache, read through the block table
+    (a bfloat16 cache under float32 q too: takes_cache).
 
     q: (B, H, D); caches: (num_blocks, block_size, Hkv, D); block_tables: (B, max_blocks) int64;
     context_lens: (B,) int64. Returns (B, H * D).
@@ -206,7 +207,8 @@ def store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write k, v (N, Hkv, D) into the caches at flat slots slot_mapping (N,) int64."""
+    """Write k, v (N, Hkv, D) into the caches at flat slots slot_mapping (N,) int64, rounded to
+    the caches' dtype where it differs (takes_cache)."""
     _cpu_ops().store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -217,8 +219,17 @@ def reference_store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    """store_kv in torch ops: k, v rounded to the caches' dtype where it differs."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def takes_cache(x_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether the compiled attention ops (the decode kernel, store_kv, rope_store_kv) take
+    activations of x_dtype over a KV cache of cache_dtype: float32 or bfloat16 for both, or a
+    bfloat16 cache under float32 activations."""
+    pair = (x_dtype, cache_dtype)
+    return pair in ((torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32, torch.bfloat16))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -245,7 +256,8 @@ def rope_store_kv(
     num_kv_heads: int,
 ) -> torch.Tensor:
     """From the fused projection qkv (N, (H + 2 Hkv) D): rotate q and k, write k and v into
-    their cache slots, return q (N, H, D); one pass instead of slicing, rope and the store."""
+    their cache slots (in the caches' dtype: takes_cache), return q (N, H, D); one pass instead
+    of slicing, rope and the store."""
     return _cpu_ops().rope_store_kv(
         qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
     )

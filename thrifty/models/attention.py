@@ -165,9 +165,7 @@ def paged_attention(
     if k.device.type == "cpu" and kernels.cpu_ops_available():
         kernels.store_kv(k, v, k_cache, v_cache, slots)  # index_copy_ is slow here
     else:
-        hkv, d = k.shape[1:]
-        k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
-        v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
+        kernels.reference_store_kv(k, v, k_cache, v_cache, slots)
     return attend_cached(q, k_cache, v_cache, scale)
 
 
@@ -195,13 +193,14 @@ def _attend(
     """Attention of the new tokens q (N, H, D) to their sequences' cached keys and values."""
     _, h, d = q.shape
     hkv = k_cache.shape[2]
-    if meta.block_tables is not None and q.dtype in (torch.float32, torch.bfloat16):
+    if meta.block_tables is not None and kernels.takes_cache(q.dtype, k_cache.dtype):
         return kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
         )
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    keys = k_flat[meta.key_slots].transpose(1, 2)  # (B, Hkv, Tk, D)
-    values = v_flat[meta.key_slots].transpose(1, 2)
+    # (B, Hkv, Tk, D), in q's dtype (a cache in another is converted as it is gathered)
+    keys = k_flat[meta.key_slots].transpose(1, 2).to(q.dtype)
+    values = v_flat[meta.key_slots].transpose(1, 2).to(q.dtype)
     b, tq = meta.batch_size, meta.max_query_len
     if tq == 1 and b > 1:
         return _decode_attention(q, keys, values, meta.attn_mask, scale)

@@ -229,7 +229,8 @@ class LlamaForCausalLM(Module):
         compiled CPU ops (bound again when the KV cache or the weights change; Qwen3's q/k
         norms have no fused op)."""
         first = self.model.layers[0].self_attn
-        if self.config.qk_norm or x.dtype != first.k_cache.dtype or not cpu_ops_take(x):
+        takes = kernels.takes_cache(x.dtype, first.k_cache.dtype)
+        if self.config.qk_norm or not takes or not cpu_ops_take(x):
             return None
         bound = self.__dict__.get("_compiled")
         if (

@@ -42,6 +42,7 @@ class Status:
             "path": str(e.path),
             "architecture": e.model_config.architecture,
             "dtype": str(e.config.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(e.config.cache_dtype).removeprefix("torch."),
             "device": e.config.device,
             "quantization": e.config.quantization,
             "max_model_len": e.max_model_len,

@@ -38,9 +38,10 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
-// The portable version: one element at a time, accumulation in float32.
-template <typename T>
-void attend_scalar(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+// The portable version: one element at a time, accumulation in float32. T: q's and the
+// output's dtype; KV: the caches' (float32, or bfloat16 under float32 activations too).
+template <typename T, typename KV>
+void attend_scalar(const T* q, const KV* k_cache, const KV* v_cache, const int64_t* tables,
             const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t G = H / Hkv;
@@ -56,7 +57,7 @@ void attend_scalar(const T* q, const T* k_cache, const T* v_cache, const int64_t
           qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
       scores.assign(G * len, 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        const T* k = k_cache + (table[t / block_size] * block_size + t % block_size) * row + kvh * D;
+        const KV* k = k_cache + (table[t / block_size] * block_size + t % block_size) * row + kvh * D;
         for (int64_t g = 0; g < G; ++g) {
           float s = 0.f;
           for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * to_float(k[d]);
@@ -77,7 +78,7 @@ void attend_scalar(const T* q, const T* k_cache, const T* v_cache, const int64_t
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
       for (int64_t t = 0; t < len; ++t) {
-        const T* v = v_cache + (table[t / block_size] * block_size + t % block_size) * row + kvh * D;
+        const KV* v = v_cache + (table[t / block_size] * block_size + t % block_size) * row + kvh * D;
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * len + t];
           float* a = acc.data() + g * D;
@@ -181,14 +182,14 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
   }
 }
 
-template <typename T, int C>
-void attend_simd(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+template <typename T, typename KV, int C>
+void attend_simd(const T* q, const KV* k_cache, const KV* v_cache, const int64_t* tables,
                  const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                  int64_t block_size, int64_t max_blocks, float scale) {
-  using R = typename Raw<T>::type;
+  using R = typename Raw<KV>::type;
   const int64_t G = H / Hkv, row = Hkv * D;
   const __mmask16 tail = static_cast<__mmask16>((1u << (D - (C - 1) * 16)) - 1);
-  const auto* qr = reinterpret_cast<const R*>(q);
+  const auto* qr = reinterpret_cast<const typename Raw<T>::type*>(q);
   const auto* kc = reinterpret_cast<const R*>(k_cache);
   const auto* vc = reinterpret_cast<const R*>(v_cache);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -200,7 +201,7 @@ void attend_simd(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       kv_rows(kc, vc, table, len, 15, block_size, row, kvh * D, k, v);
       for (int64_t g = 0; g < G; ++g)
         for (int c = 0; c < C; ++c) {
-          const R* qg = qr + (b * H + kvh * G + g) * D + c * 16;
+          const auto* qg = qr + (b * H + kvh * G + g) * D + c * 16;
           const __m512 x = thrifty_simd::load_f32(qg, c == C - 1 ? tail : __mmask16(0xFFFF));
           _mm512_storeu_ps(&qf[(g * C + c) * 16], _mm512_mul_ps(x, _mm512_set1_ps(scale)));
         }
@@ -289,11 +290,11 @@ void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t
   }
 }
 
-template <typename T, int C>
-void attend_simd8(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+template <typename T, typename KV, int C>
+void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_t* tables,
                   const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                   int64_t block_size, int64_t max_blocks, float scale) {
-  using R = typename Raw<T>::type;
+  using R = typename Raw<KV>::type;
   const int64_t G = H / Hkv, row = Hkv * D;
   const auto* kc = reinterpret_cast<const R*>(k_cache);
   const auto* vc = reinterpret_cast<const R*>(v_cache);
@@ -319,15 +320,15 @@ void attend_simd8(const T* q, const T* k_cache, const T* v_cache, const int64_t*
 
 // Heads of up to 128 dims take the AVX-512 path where the compiler targets it; on AVX2, heads of
 // 32, 64, 80, 96 or 128 dims the AVX2 one.
-template <typename T>
-void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+template <typename T, typename KV>
+void attend(const T* q, const KV* k_cache, const KV* v_cache, const int64_t* tables,
             const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
             int64_t block_size, int64_t max_blocks, float scale) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   switch ((D + 15) / 16) {
 #define THRIFTY_ATTEND_CASE(C)                                                                \
   case C:                                                                                     \
-    return attend_simd<T, C>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, \
+    return attend_simd<T, KV, C>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, \
                              max_blocks, scale);
     THRIFTY_ATTEND_CASE(1) THRIFTY_ATTEND_CASE(2) THRIFTY_ATTEND_CASE(3) THRIFTY_ATTEND_CASE(4)
     THRIFTY_ATTEND_CASE(5) THRIFTY_ATTEND_CASE(6) THRIFTY_ATTEND_CASE(7) THRIFTY_ATTEND_CASE(8)
@@ -340,7 +341,7 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
     switch (D / 8) {
 #define THRIFTY_ATTEND_CASE(C)                                                                 \
   case C:                                                                                      \
-    return attend_simd8<T, C>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, \
+    return attend_simd8<T, KV, C>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, block_size, \
                               max_blocks, scale);
       THRIFTY_ATTEND_CASE(4) THRIFTY_ATTEND_CASE(8) THRIFTY_ATTEND_CASE(10)
       THRIFTY_ATTEND_CASE(12) THRIFTY_ATTEND_CASE(16)
@@ -354,12 +355,23 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
 }
 
 
+// fn(T{}, KV{}) for the (activation, cache) dtypes the kernels take: both float32, both
+// bfloat16, or float32 activations over a bfloat16 cache (half the cache's bytes).
+template <typename Fn>
+void with_kv_types(at::ScalarType x, at::ScalarType cache, Fn&& fn) {
+  using B = c10::BFloat16;
+  if (x == torch::kFloat && cache == torch::kFloat) return fn(float{}, float{});
+  if (x == torch::kBFloat16 && cache == torch::kBFloat16) return fn(B{}, B{});
+  if (x == torch::kFloat && cache == torch::kBFloat16) return fn(float{}, B{});
+  TORCH_CHECK(false, "a ", cache, " cache under ", x, " activations: the kernels take float32 "
+              "or bfloat16 for both, or a bfloat16 cache under float32");
+}
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
                                      double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be (B, H, D), caches 4-d");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "the caches must share a dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
               "block tables and lengths must be int64");
@@ -371,18 +383,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head shapes do not match");
   auto out = torch::empty({B, H * D}, q.options());
   const auto max_blocks = block_tables.size(1);
-  if (q.scalar_type() == torch::kBFloat16) {
-    attend<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
-                          v_cache.data_ptr<c10::BFloat16>(), block_tables.data_ptr<int64_t>(),
-                          context_lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H,
-                          Hkv, D, block_size, max_blocks, static_cast<float>(scale));
-  } else {
-    TORCH_CHECK(q.scalar_type() == torch::kFloat, "only float32 and bfloat16 are supported");
-    attend<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+  with_kv_types(q.scalar_type(), k_cache.scalar_type(), [&](auto t, auto kv) {
+    using T = decltype(t);
+    using KV = decltype(kv);
+    attend<T, KV>(q.data_ptr<T>(), k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(),
                   block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-                  out.data_ptr<float>(), B, H, Hkv, D, block_size, max_blocks,
+                  out.data_ptr<T>(), B, H, Hkv, D, block_size, max_blocks,
                   static_cast<float>(scale));
-  }
+  });
   return out;
 }
 
@@ -450,8 +458,12 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // caches viewed as (slots, Hkv, D), row n to slot slot_mapping[n].
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slot_mapping) {
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "new keys and values must match the cache dtype");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "keys and values must share a dtype, as must the caches");
+  if (k.scalar_type() != k_cache.scalar_type()) {  // rounded to the cache's dtype (bfloat16)
+    k = k.to(k_cache.scalar_type());
+    v = v.to(v_cache.scalar_type());
+  }
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "slot mapping must be int64");
   k = k.contiguous();
@@ -476,16 +488,18 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 
 // Rotary embedding in the rotate-half (GPT-NeoX) layout, one head: the first R dims become
 // (x1 c - x2 s, x2 c + x1 s), the rest are copied; in float32, rounded once.
-template <typename T>
-inline void rope_head(const T* xr, const T* c, const T* s, T* o, int64_t D, int64_t R) {
+// O: the output's dtype (a bfloat16 cache's under float32 x: rounded from the float32 result,
+// as x rotated in its own dtype and then converted would be).
+template <typename T, typename O = T>
+inline void rope_head(const T* xr, const T* c, const T* s, O* o, int64_t D, int64_t R) {
   const int64_t half = R / 2;
   for (int64_t j = 0; j < half; ++j) {
     const float x1 = to_float(xr[j]), x2 = to_float(xr[j + half]);
     const float cj = to_float(c[j]), sj = to_float(s[j]);
-    o[j] = static_cast<T>(x1 * cj - x2 * sj);
-    o[j + half] = static_cast<T>(x2 * cj + x1 * sj);
+    o[j] = static_cast<O>(static_cast<T>(x1 * cj - x2 * sj));
+    o[j + half] = static_cast<O>(static_cast<T>(x2 * cj + x1 * sj));
   }
-  for (int64_t j = R; j < D; ++j) o[j] = xr[j];
+  for (int64_t j = R; j < D; ++j) o[j] = static_cast<O>(xr[j]);
 }
 
 // x (N, H, D), any strides with a unit last one (a view of the fused qkv output); cos, sin
@@ -527,8 +541,8 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 // The attention's q/k/v step in one pass over the fused projection qkv (N, (H + 2 Hkv) D), rows
 // with a unit last stride: q and k rotated (rope_head), k and v written into their cache slots
 // (caches (slots, Hkv, D) contiguous, row n to slot_mapping[n]); returns the rotated q (N, H, D).
-template <typename T>
-void rope_store_rows(const T* qkv, const T* cos, const T* sin, T* q, T* k_cache, T* v_cache,
+template <typename T, typename KV>
+void rope_store_rows(const T* qkv, const T* cos, const T* sin, T* q, KV* k_cache, KV* v_cache,
                      const int64_t* slot, int64_t N, int64_t H, int64_t Hkv, int64_t D, int64_t R,
                      int64_t sn) {
   const int64_t half = R / 2, heads = H + Hkv;
@@ -543,7 +557,12 @@ void rope_store_rows(const T* qkv, const T* cos, const T* sin, T* q, T* k_cache,
       } else {
         const int64_t kvh = h - H, at = (slot[n] * Hkv + kvh) * D;
         rope_head(row + h * D, c, s, k_cache + at, D, R);
-        std::memcpy(v_cache + at, row + (heads + kvh) * D, D * sizeof(T));
+        const T* vr = row + (heads + kvh) * D;
+        if constexpr (std::is_same_v<T, KV>) {
+          std::memcpy(v_cache + at, vr, D * sizeof(T));
+        } else {
+          for (int64_t d = 0; d < D; ++d) v_cache[at + d] = static_cast<KV>(vr[d]);
+        }
       }
     }
   });
@@ -554,9 +573,9 @@ torch::Tensor rope_store_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
                             torch::Tensor slot_mapping, int64_t H, int64_t Hkv) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be (N, (H + 2 Hkv) D) with unit last stride");
   const auto dtype = qkv.scalar_type();
-  TORCH_CHECK(cos.scalar_type() == dtype && sin.scalar_type() == dtype &&
-                  k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
-              "cos, sin and the caches must be in qkv's dtype");
+  TORCH_CHECK(cos.scalar_type() == dtype && sin.scalar_type() == dtype,
+              "cos and sin must be in qkv's dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "the caches must share a dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "slot mapping must be int64");
   cos = cos.contiguous();
@@ -574,17 +593,13 @@ torch::Tensor rope_store_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
   const auto* slot = slot_mapping.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) TORCH_CHECK(0 <= slot[n] && slot[n] < slots, "cache slot out of range");
   auto q = torch::empty({N, H, D}, qkv.options());
-  if (dtype == torch::kBFloat16) {
-    using T = c10::BFloat16;
-    rope_store_rows<T>(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), q.data_ptr<T>(),
-                       k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), slot, N, H, Hkv, D, R,
-                       qkv.stride(0));
-  } else {
-    TORCH_CHECK(dtype == torch::kFloat, "only float32 and bfloat16 are supported");
-    rope_store_rows<float>(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                           q.data_ptr<float>(), k_cache.data_ptr<float>(),
-                           v_cache.data_ptr<float>(), slot, N, H, Hkv, D, R, qkv.stride(0));
-  }
+  with_kv_types(dtype, k_cache.scalar_type(), [&](auto t, auto kv) {
+    using T = decltype(t);
+    using KV = decltype(kv);
+    rope_store_rows<T, KV>(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(),
+                           q.data_ptr<T>(), k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(), slot,
+                           N, H, Hkv, D, R, qkv.stride(0));
+  });
   return q;
 }
 
