@@ -35,7 +35,9 @@ from throughput_engines import ATTN_IMPLEMENTATION, MODEL, THREADS
 BOS_ID = 1
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("thrifty", "transformers", "llama.cpp")
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp32-kvbf16": "float32"}
+# thrifty only: float32 activations over a bfloat16 KV cache (--kv-cache-dtype bfloat16)
+KV_CACHE = {"fp32-kvbf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,7 @@ def compare(report: dict) -> list[str]:
         th = ok.get(("thrifty", weights))
         if not th:
             continue
-        for peer in (("transformers", weights), ("llama.cpp", "Q4_1")):
+        for peer in (("transformers", weights.split("-")[0]), ("llama.cpp", "Q4_1")):
             other = ok.get(peer)
             if not other:
                 continue
@@ -286,7 +288,11 @@ def compare(report: dict) -> list[str]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    p.add_argument(
+        "--dtypes",
+        default="bf16,fp32",
+        help="comma-separated: bf16, fp32, fp32-kvbf16 (thrifty only: a bfloat16 KV cache)",
+    )
     p.add_argument(
         "--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES)
     )
@@ -317,7 +323,13 @@ def main() -> None:
     prompts = make_prompts(hf_dir, plan, list(plan.batch_sizes))
     notes: list[str] = []
     llama_version, why = llama_cpp_version(args.llama_cpp_python)
-    jobs = [(e, d) for e in ("thrifty", "transformers") if e in args.engines for d in args.dtypes]
+    jobs = [
+        (e, d)
+        for e in ("thrifty", "transformers")
+        if e in args.engines
+        for d in args.dtypes
+        if e == "thrifty" or d not in KV_CACHE
+    ]
     if "llama.cpp" in args.engines:
         if llama_version:
             jobs.append(("llama.cpp", "Q4_1"))
@@ -338,6 +350,7 @@ def main() -> None:
         specs[engine, dtype] = {
             "engine": engine,
             "dtype": DTYPES.get(dtype, dtype),
+            "kv_cache_dtype": KV_CACHE.get(dtype, "auto"),
             "plan": dataclasses.asdict(plan),
             "batch_sizes": list(plan.batch_sizes),
             "prompts": prompts,

@@ -33,11 +33,18 @@ class ThriftyRunner:
 
         torch.set_num_threads(THREADS)
         self.dtype = spec["dtype"]
+        self.kv_cache_dtype = spec.get("kv_cache_dtype", "auto")
 
     def load(self) -> None:
         from thrifty import LLM
 
-        self.llm = LLM(MODEL, dtype=self.dtype, num_threads=THREADS, progress=False)
+        self.llm = LLM(
+            MODEL,
+            dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
+            num_threads=THREADS,
+            progress=False,
+        )
 
     def unload(self) -> None:
         del self.llm
