@@ -308,8 +308,9 @@ def batched(args: argparse.Namespace) -> None:
             print(f"| {key} | {b} | {native[b]:.1f} | {dense[b]:.1f} | {ratio:.2f}x |", flush=True)
 
 
-def teacher_forced_perplexity(model, cfg, ids, block: int = 16) -> float:
-    """exp(mean NLL) of ids[1:], each token's logits from a decode step of one row."""
+def teacher_forced_perplexity(model, cfg, ids, block: int = 16, kv_cache_dtype=None) -> float:
+    """exp(mean NLL) of ids[1:], each token's logits from a decode step of one row (over a KV
+    cache in kv_cache_dtype; None: the activations' float32)."""
     import math
 
     import torch
@@ -320,7 +321,12 @@ def teacher_forced_perplexity(model, cfg, ids, block: int = 16) -> float:
 
     blocks = len(ids) // block + 2
     table = list(range(1, blocks))
-    config = EngineConfig(dtype=torch.float32, block_size=block, num_kv_blocks=blocks + 1)
+    config = EngineConfig(
+        dtype=torch.float32,
+        block_size=block,
+        num_kv_blocks=blocks + 1,
+        kv_cache_dtype=kv_cache_dtype,
+    )
     ModelRunner(model, cfg, config)
     nll = 0.0
     with torch.inference_mode():

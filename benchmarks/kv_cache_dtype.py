@@ -7,6 +7,9 @@ median of each round's ratio is reported beside each engine's median tok/s. Also
 cache a token and the tokens that fit in 1 GiB, and whether the greedy tokens agree.
 
     .venv/bin/python benchmarks/kv_cache_dtype.py [--model NAME] [--batch 1,32] [--context 64,512]
+
+`--perplexity WIKI` (gensim's enwiki sample, see perplexity.py) instead scores `--ppl-tokens`
+tokens of it, each by a decode step over the cache, with either cache.
 """
 
 from __future__ import annotations
@@ -53,6 +56,29 @@ def decode_rate(llm: LLM, batch: int, context: int, tokens: int) -> tuple[float,
     return decoded / max(elapsed, 1e-9), [out[i] for i in ids]
 
 
+def perplexities(args: argparse.Namespace) -> None:
+    from gguf_native import teacher_forced_perplexity
+    from perplexity import wiki_text
+
+    from thrifty import hub
+    from thrifty.config import ModelConfig
+    from thrifty.loader.weights import load_model
+    from thrifty.tokenizer import Tokenizer
+
+    path = hub.resolve(args.model, progress=False)
+    text = wiki_text(args.perplexity, 40 * args.ppl_tokens)
+    ids = torch.tensor(Tokenizer.from_dir(path, ()).encode(text, add_special_tokens=False))
+    ids = ids[: args.ppl_tokens]
+    cfg = ModelConfig.from_dir(path)
+    model = load_model(path, cfg, dtype=torch.float32)
+    print(f"{args.model}: {len(ids)} tokens of Wikipedia, one decode step each")
+    print("| KV cache | perplexity |")
+    print("|---|---|")
+    for kv in (torch.float32, torch.bfloat16):
+        ppl = teacher_forced_perplexity(model, cfg, ids, kv_cache_dtype=kv)
+        print(f"| {str(kv).removeprefix('torch.')} | {ppl:.4f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -61,11 +87,22 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--perplexity", metavar="WIKI", help="gensim's enwiki *-shortened.bz2")
+    ap.add_argument("--ppl-tokens", type=int, default=1024)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engines = {
-        kv: LLM(args.model, kv_cache_memory_bytes=1 << 30, kv_cache_dtype=kv, progress=False)
-        for kv in ("auto", "bfloat16")
+    if args.perplexity:
+        perplexities(args)
+        return
+    engines = {  # float32 activations, as `--dtype auto` has them on a CPU without AVX-512 BF16
+        kv: LLM(
+            args.model,
+            dtype="float32",
+            kv_cache_memory_bytes=1 << 30,
+            kv_cache_dtype=kv,
+            progress=False,
+        )
+        for kv in ("float32", "bfloat16")
     }
     print(f"{args.model}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     for kv, llm in engines.items():
@@ -90,9 +127,9 @@ def main() -> None:
                     rates[kv].append(rate)
                     tokens[kv] = out
             ratio = statistics.median(
-                b / a for a, b in zip(rates["auto"], rates["bfloat16"], strict=True)
+                b / a for a, b in zip(rates["float32"], rates["bfloat16"], strict=True)
             )
-            same = sum(a == b for a, b in zip(tokens["auto"], tokens["bfloat16"], strict=True))
+            same = sum(a == b for a, b in zip(tokens["float32"], tokens["bfloat16"], strict=True))
             print(
                 f"| {batch} | {context} | {statistics.median(rates['auto']):.1f} "
                 f"| {statistics.median(rates['bfloat16']):.1f} | {ratio:.2f} | {same}/{batch} |",

@@ -46,8 +46,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         choices=["auto", "bfloat16", "float32", "float16"],
         default="auto",
-        help="the KV cache's dtype; auto (default): the activations'. bfloat16 under float32"
-        " activations halves the cache's memory and decode attention's reads",
+        help="the KV cache's dtype; auto (default): the activations', but bfloat16 where --dtype"
+        " auto chose float32 activations (a GGUF model on a CPU without AVX-512 BF16): half"
+        " float32's memory and decode attention's reads",
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
@@ -239,8 +240,7 @@ def _llm(args: argparse.Namespace, model: str | None, **kwargs: Any):
         kwargs["max_model_len"] = args.max_model_len
     if args.quantization:
         kwargs["quantization"] = args.quantization
-    if args.kv_cache_dtype != "auto":
-        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
+    kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     if getattr(args, "num_threads", None):
         kwargs.setdefault("num_threads", args.num_threads)
     if getattr(args, "tensor_parallel_size", None):
@@ -475,7 +475,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from thrifty import hub, kernels
-    from thrifty.config import EngineConfig, resolve_dtype
+    from thrifty.config import EngineConfig, resolve_dtype, resolve_kv_cache_dtype
     from thrifty.engine import ranks
     from thrifty.engine.llm_engine import LLMEngine
     from thrifty.server.app import check_address, serve
@@ -489,12 +489,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     path = hub.resolve(args.model)
     config = EngineConfig(
-        dtype=resolve_dtype(args.dtype, path, args.device),
+        dtype=(dtype := resolve_dtype(args.dtype, path, args.device)),
         device=args.device,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype, dtype),
         **given(
             "max_num_seqs",
             "max_num_batched_tokens",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thrifty import hub
-from thrifty.config import EngineConfig, resolve_dtype
+from thrifty.config import EngineConfig, resolve_dtype, resolve_kv_cache_dtype
 from thrifty.engine.llm_engine import LLMEngine, Request
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.sequence import TokenLogprob
@@ -65,9 +65,9 @@ class LLM:
         **engine_kwargs: Any,
     ):
         path = hub.resolve(model, progress=progress)
-        config = EngineConfig(
-            dtype=resolve_dtype(dtype, path, device), device=device, **engine_kwargs
-        )
+        resolved = resolve_dtype(dtype, path, device)
+        kv = resolve_kv_cache_dtype(engine_kwargs.pop("kv_cache_dtype", "auto"), dtype, resolved)
+        config = EngineConfig(dtype=resolved, device=device, kv_cache_dtype=kv, **engine_kwargs)
         self.engine = LLMEngine(path, config, allow_pickle=allow_pickle)
         self.tokenizer = self.engine.tokenizer
 
