@@ -86,3 +86,19 @@ def test_auto_dtype_is_float32_only_for_gguf_models_on_cpus_without_bf16(tmp_pat
     assert resolve_dtype("auto", gguf, "cuda") == torch.bfloat16
     assert resolve_dtype("auto", tmp_path, "cpu") == torch.bfloat16  # a dense checkpoint
     assert resolve_dtype("bf16", gguf, "cpu") == torch.bfloat16  # what the user names, always
+
+
+def test_auto_kv_cache_is_bfloat16_for_a_gguf_model_on_any_cpu():
+    # --dtype auto's float32 (no AVX-512 BF16) keeps the bfloat16 cache the BF16 CPUs have; an
+    # explicit float32, or a named cache dtype, is what the user asked for.
+    from thrifty import LLM
+    from thrifty.config import resolve_kv_cache_dtype
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert resolve_kv_cache_dtype("auto", "auto", f32) == bf16
+    assert resolve_kv_cache_dtype("auto", "auto", bf16) is None  # the activations' bfloat16
+    assert resolve_kv_cache_dtype("auto", "float32", f32) is None
+    assert resolve_kv_cache_dtype("float32", "auto", f32) == f32
+    assert resolve_kv_cache_dtype("bf16", "float32", f32) == bf16
+    llm = LLM("smollm2-135m-instruct", progress=False, kv_cache_memory_bytes=1 << 20)
+    assert llm.engine.runner.kv_cache.dtype == bf16
