@@ -108,7 +108,8 @@ def linear_kernel(
     i16 = getattr(ext, "ggml_gemm_i16", None)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        # x.is_cpu, not x.device.type: 0.06 us against 0.5, on ~120 calls a decode step
+        if not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32):
             return ggml.reference_linear(x, weight, scale, bias)
         n = x.numel()
         kernel = gemv if n <= gemv_numel else i16 if n <= i16_numel else gemm

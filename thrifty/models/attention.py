@@ -87,8 +87,16 @@ def build_metadata(
     key_slots = key_slots.masked_fill(key_pos[None, :] >= ctx[:, None], 0)
     qlen = torch.tensor(query_lens)
     start = ctx - qlen  # position of each sequence's first new token
-    new_pos = [torch.arange(s, c) for s, c in zip(start.tolist(), context_lens, strict=True)]
-    slot_mapping = torch.cat([key_slots[i, p] for i, p in enumerate(new_pos)])
+    # Each new token's cache slot, read off its block table (a list: one tensor, not a gather
+    # per sequence; a decode step's Python time counts against every token).
+    slot_mapping = torch.tensor(
+        [
+            table[p // block_size] * block_size + p % block_size
+            for table, n, c in zip(block_tables, query_lens, context_lens, strict=True)
+            for p in range(c - n, c)
+        ],
+        dtype=torch.long,
+    )
 
     to = torch.device(device)
     causal = b == 1 and tq == tk
@@ -109,9 +117,9 @@ def build_metadata(
             key_pos[None, None, :] < ctx[:, None, None]
         )
         mask = mask.unsqueeze(1)  # (B, 1, Tq, Tk)
-        query_index = torch.cat([i * tq + torch.arange(n) for i, n in enumerate(query_lens)])
-        if tq == 1:
-            query_index = None
+        query_index = None  # decode: one row per sequence, none padded
+        if tq > 1:
+            query_index = torch.cat([i * tq + torch.arange(n) for i, n in enumerate(query_lens)])
     decode_kernel = tq == 1 and to.type == "cpu" and kernels.cpu_ops_available()
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(to),
