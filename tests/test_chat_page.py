@@ -144,6 +144,7 @@ def test_ps_says_what_the_server_has_loaded_and_each_request_is_logged(server):
     assert header.split()[:2] == ["MODEL", "SIZE"]
     dtype = str(resolve_dtype("auto", hub.resolve(MODEL, progress=False), "cpu")).split(".")[1]
     assert row.split()[0] == SERVED and f"cpu {dtype}" in row and " 1024 " in row
+    assert " bfloat16 " in row  # the KV cache: bfloat16 for a GGUF model on any CPU
     deadline = time.monotonic() + 10
     while '"GET /thrifty/status" 200' not in server_log(server):
         assert time.monotonic() < deadline, server_log(server)[-2000:]

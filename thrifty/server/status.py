@@ -85,9 +85,14 @@ def fetch_status(url: str, api_key: str | None = None, timeout_s: float = 5.0) -
     several = len(s.get("rank_weight_bytes", ())) > 1
     memory = s["weight_bytes"] if several else s["resident_bytes"] or s["weight_bytes"]
     quant = f", {s['quantization']}" if s["quantization"] else ""
-    head = f"{'MODEL':<28} {'SIZE':>9}  {'PROCESSOR':<18} {'CONTEXT':>8}  {'RUNNING':>7}  UPTIME"
+    kv = s.get("kv_cache_dtype", "-")  # a server from before the field says nothing
+    head = (
+        f"{'MODEL':<28} {'SIZE':>9}  {'PROCESSOR':<18} {'KV CACHE':<9} {'CONTEXT':>8}  "
+        f"{'RUNNING':>7}  UPTIME"
+    )
     row = (
         f"{s['model']:<28} {memory / 1e6:>6.0f} MB  {s['device'] + ' ' + s['dtype'] + quant:<18}"
-        f" {s['max_model_len']:>8}  {s['running']:>3}+{s['waiting']:<3}  {s['uptime_s']:.0f} s"
+        f" {kv:<9} {s['max_model_len']:>8}  {s['running']:>3}+{s['waiting']:<3}"
+        f"  {s['uptime_s']:.0f} s"
     )
     return f"{head}\n{row}"
