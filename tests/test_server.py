@@ -185,7 +185,9 @@ def test_chat_full_and_streamed_agree(client, tokenizer):
     assert usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16
 
 
-def _thrifty(*argv: str, env_added: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _thrifty(
+    *argv: str, env_added: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """The command line in a fresh interpreter (with `env_added`), failing if it imported
     torch."""
     code = (
@@ -195,7 +197,7 @@ def _thrifty(*argv: str, env_added: dict[str, str] | None = None) -> subprocess.
     env = {k: v for k, v in os.environ.items() if k not in ("THRIFTY_URL", "THRIFTY_API_KEY")}
     env.update(env_added or {})
     cmd = [sys.executable, "-c", code, *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, input=stdin)
 
 
 def test_thrifty_run_through_the_server(url, client):
@@ -246,6 +248,19 @@ def test_thrifty_run_answers_through_the_local_server(url, client, monkeypatch):
         .message.content
     )
     assert out.stdout.strip() == want.strip()
+    # So does a chat (`chat`, or `run` with no prompt): each turn with the conversation so far.
+    turns = f"{PARIS[0]['content']}\nAnd of Italy?\n/model\n/bye\n"
+    out = _thrifty("chat", *ask, env_added=local, stdin=turns)
+    assert out.returncode == 0, out.stderr
+    answers = [a.strip() for a in out.stdout.split(">>>")[1:3]]
+    second = [*PARIS, {"role": "assistant", "content": answers[0]}]
+    second.append({"role": "user", "content": "And of Italy?"})
+    again = (
+        client.chat.completions.create(model=MODEL, messages=second, temperature=0, max_tokens=16)
+        .choices[0]
+        .message.content
+    )
+    assert answers == [want.strip(), again.strip()] and f"at {url}" in out.stderr
     # Where that server cannot answer, run loads the model itself: another model, a key the
     # server refuses, no server there at all.
     monkeypatch.setenv(LOCAL_URL_ENV, url)

@@ -165,7 +165,8 @@ class Chat:
         elif name == "/model":
             if rest:
                 self.switch(rest)
-            _note(f"{self.model_name} at {self.llm.engine.path} ({self.settings()})")
+            where = getattr(self.llm, "location", None) or self.llm.engine.path
+            _note(f"{self.model_name} at {where} ({self.settings()})")
         else:
             _note(f"unknown command {name}; /help lists them")
         return True

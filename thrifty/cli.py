@@ -102,6 +102,20 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
 
 
+def _add_local_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("THRIFTY_API_KEY"),
+        help="the server's key (default: $THRIFTY_API_KEY)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="load the model here even where a thrifty serve on this machine has it loaded (at"
+        " $THRIFTY_LOCAL_URL, default http://127.0.0.1:8000), which otherwise answers",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="thrifty", description="Run open-weight LLMs on the hardware you have."
@@ -126,18 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         " keeps the model loaded, instead of loading it here: no torch import, the first token"
         " after one round trip (default: $THRIFTY_URL)",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("THRIFTY_API_KEY"),
-        help="the server's key (default: $THRIFTY_API_KEY)",
-    )
-    p.add_argument(
-        "--local",
-        action="store_true",
-        help="load the model here even where a thrifty serve on this machine has it loaded (at"
-        " $THRIFTY_LOCAL_URL, default http://127.0.0.1:8000), which run otherwise answers"
-        " through",
-    )
+    _add_local_server_flags(p)
     _add_model_flags(p)
     _add_sampling_flags(p)
     _add_parallel_flag(p)
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="/help lists the chat's commands. " + SAMPLING_HELP,
     )
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
+    _add_local_server_flags(p)
     _add_model_flags(p)
     _add_sampling_flags(p)
     _add_parallel_flag(p)
@@ -416,8 +420,15 @@ def _run_on_server(args: argparse.Namespace, server, model: str | None, prompt: 
 def _open_chat(args: argparse.Namespace, model: str | None) -> None:
     from thrifty import hub
     from thrifty.chat import Chat, chat
+    from thrifty.client import RemoteModel
 
     def load(name: str | None) -> tuple[Any, Any]:
+        # A thrifty serve on this machine with the model loaded holds the chat, as for `run`
+        # (no torch import, no load here); else the model loads here.
+        server = _serving(args, name, "")
+        if server is not None:
+            defaults = GenerationDefaults(**server.status().get("sampling_defaults", {}))
+            return RemoteModel(server, name or hub.DEFAULT_MODEL), _params(args, defaults)
         llm = _llm(args, name)
         return llm, _params(args, GenerationDefaults.from_dir(llm.engine.path))
 

@@ -100,6 +100,24 @@ class Server:
             yield from _deltas(response, chat)
 
 
+# The SamplingParams fields a chat sends, by their OpenAI (and vLLM) request names.
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "seed")  # fmt: skip
+
+
+class RemoteModel:
+    """A model a server has loaded, as thrifty.chat.Chat uses an LLM: `stream(messages,
+    params)` yields the answer's text deltas, and closing it ends the request there."""
+
+    def __init__(self, server: Server, model: str):
+        self.server, self.model = server, model
+        self.location = f"{server.url} (a running server)"
+
+    def stream(self, messages: list[dict[str, str]], params: Any) -> Iterator[str]:
+        body = {k: getattr(params, k) for k in _SAMPLING_FIELDS if getattr(params, k) is not None}
+        yield from self.server.stream(self.model, messages, body)
+
+
 def local_server(model: str, api_key: str | None) -> Server | None:
     """The `thrifty serve` at $THRIFTY_LOCAL_URL (default: serve's own address) if it has
     `model` (a registry name or hub id, as serve names it) loaded, else None: `thrifty run` then

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from thrifty.engine.structured import Constraint
 from thrifty.errors import ThriftyError
+
+if TYPE_CHECKING:  # structured.py imports torch: a chat through a server must not
+    from thrifty.engine.structured import Constraint
 
 
 @dataclass(frozen=True)
