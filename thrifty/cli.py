@@ -333,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
         _run_on_server(args, Server(args.url, args.api_key), model, prompt)
         return
-    server = _serving(args, model, prompt)
+    server = _serving(args, model) if prompt is not None else None  # a chat: _open_chat
     if server is not None:
         _run_on_server(args, server, model, prompt)
         return
@@ -378,16 +378,16 @@ def _local_flags(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _serving(args: argparse.Namespace, model: str | None, prompt: str | None):
-    """The `thrifty serve` on this machine that has `model` loaded, if `run` may answer through
-    it: a prompt to answer (a chat loads here), no flag that shapes a local load, not --local,
-    and a model named as serve names it (a local path loads here)."""
+def _serving(args: argparse.Namespace, model: str | None) -> Any:
+    """The `thrifty serve` on this machine that has `model` loaded (a client.Server), if `run`
+    or `chat` may go through it: no flag that shapes a local load, not --local, and a model
+    named as serve names it (a local path loads here); else None."""
     from pathlib import Path
 
     from thrifty import hub
     from thrifty.client import local_server
 
-    if args.local or prompt is None or _local_flags(args):
+    if args.local or _local_flags(args):
         return None
     name = model or hub.DEFAULT_MODEL
     if Path(name).exists():
@@ -395,7 +395,9 @@ def _serving(args: argparse.Namespace, model: str | None, prompt: str | None):
     return local_server(name, args.api_key)
 
 
-def _run_on_server(args: argparse.Namespace, server, model: str | None, prompt: str | None) -> None:
+def _run_on_server(
+    args: argparse.Namespace, server: Any, model: str | None, prompt: str | None
+) -> None:
     """`run --url`, or `run` with a local server that has the model: the prompt to the server,
     the answer streamed (thrifty/client.py)."""
     given = _local_flags(args)
@@ -425,7 +427,7 @@ def _open_chat(args: argparse.Namespace, model: str | None) -> None:
     def load(name: str | None) -> tuple[Any, Any]:
         # A thrifty serve on this machine with the model loaded holds the chat, as for `run`
         # (no torch import, no load here); else the model loads here.
-        server = _serving(args, name, "")
+        server = _serving(args, name)
         if server is not None:
             defaults = GenerationDefaults(**server.status().get("sampling_defaults", {}))
             return RemoteModel(server, name or hub.DEFAULT_MODEL), _params(args, defaults)
