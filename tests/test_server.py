@@ -212,6 +212,10 @@ def test_thrifty_run_through_the_server(url, client):
         .message.content
     )
     assert out.stdout.strip() == want.strip() and "Paris" in want
+    # No prompt: a chat with that server, the same answer to the same first turn.
+    chat = _thrifty("run", *ask, stdin=f"{PARIS[0]['content']}\n/bye\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.split(">>>")[1].strip() == want.strip() and f"with {MODEL}" in chat.stderr
     raw = _thrifty("run", *ask, MODEL, "The capital of France is", "--raw")
     assert raw.returncode == 0, raw.stderr
     want = (

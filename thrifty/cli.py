@@ -331,7 +331,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.url:
         from thrifty.client import Server
 
-        _run_on_server(args, Server(args.url, args.api_key), model, prompt)
+        server = Server(args.url, args.api_key)
+        if prompt is None:
+            _open_chat(args, model, server)
+        else:
+            _run_on_server(args, server, model, prompt)
         return
     server = _serving(args, model) if prompt is not None else None  # a chat: _open_chat
     if server is not None:
@@ -400,13 +404,7 @@ def _run_on_server(
 ) -> None:
     """`run --url`, or `run` with a local server that has the model: the prompt to the server,
     the answer streamed (thrifty/client.py)."""
-    given = _local_flags(args)
-    if given:
-        raise ThriftyError(f"{given[0]} applies where thrifty loads the model, not with --url")
-    if not prompt:
-        raise ThriftyError(
-            "usage: thrifty run --url URL [MODEL] PROMPT (a chat with a server is not built)"
-        )
+    _refuse_local_flags(args)
     params = {"max_tokens": args.max_tokens, "min_p": args.min_p}
     for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if getattr(args, key) is not None:  # else the server's model defaults
@@ -419,23 +417,42 @@ def _run_on_server(
     print(flush=True)
 
 
-def _open_chat(args: argparse.Namespace, model: str | None) -> None:
+def _refuse_local_flags(args: argparse.Namespace) -> None:
+    given = _local_flags(args)
+    if given:
+        raise ThriftyError(f"{given[0]} applies where thrifty loads the model, not with --url")
+
+
+def _server_defaults(server: Any) -> GenerationDefaults:
+    """A thrifty server's model defaults (/thrifty/status); thrifty's for any other server."""
+    try:
+        return GenerationDefaults(**server.status().get("sampling_defaults", {}))
+    except (ThriftyError, ValueError, TypeError, OSError):
+        return GenerationDefaults()
+
+
+def _open_chat(args: argparse.Namespace, model: str | None, url_server: Any = None) -> None:
+    """A chat: through `url_server` (run --url), through a thrifty serve on this machine that
+    has the model loaded, or with the model loaded here. `/model NAME` chooses the same way."""
     from thrifty import hub
     from thrifty.chat import Chat, chat
     from thrifty.client import RemoteModel
 
     def load(name: str | None) -> tuple[Any, Any]:
-        # A thrifty serve on this machine with the model loaded holds the chat, as for `run`
-        # (no torch import, no load here); else the model loads here.
-        server = _serving(args, name)
+        if url_server is not None:
+            _refuse_local_flags(args)
+            remote = RemoteModel(url_server, url_server.model(name))
+            return remote, _params(args, _server_defaults(url_server))
+        server = _serving(args, name)  # no torch import, no load here
         if server is not None:
-            defaults = GenerationDefaults(**server.status().get("sampling_defaults", {}))
-            return RemoteModel(server, name or hub.DEFAULT_MODEL), _params(args, defaults)
+            remote = RemoteModel(server, name or hub.DEFAULT_MODEL)
+            return remote, _params(args, _server_defaults(server))
         llm = _llm(args, name)
         return llm, _params(args, GenerationDefaults.from_dir(llm.engine.path))
 
     llm, params = load(model)
-    chat(Chat(llm, model or hub.DEFAULT_MODEL, params, args.system, load))
+    name = llm.model if isinstance(llm, RemoteModel) else model or hub.DEFAULT_MODEL
+    chat(Chat(llm, name, params, args.system, load))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
