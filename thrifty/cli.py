@@ -6,6 +6,7 @@ Flags map one to one onto config fields.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
@@ -372,9 +373,15 @@ _LOCAL_ONLY = (
 )
 
 
+@functools.cache
+def _run_defaults() -> argparse.Namespace:
+    """`run`'s flags unset (building the parser takes ~6 ms; a run through a server asks twice)."""
+    return build_parser().parse_args(["run"])
+
+
 def _local_flags(args: argparse.Namespace) -> list[str]:
     """The _LOCAL_ONLY flags given, as typed."""
-    defaults = build_parser().parse_args(["run"])
+    defaults = _run_defaults()
     return [
         f"--{k.replace('_', '-')}"
         for k in _LOCAL_ONLY
