@@ -9,7 +9,7 @@
 // bfloat16); block_tables: (B, max_blocks) int64; context_lens: (B,) int64. Returns (B, H * D).
 // Work is split over (sequence, kv head); the G = H / Hkv query heads that share a kv head are
 // handled together so each key and value row is read once. Accumulation is in float32.
-#include <torch/extension.h>
+#include "torch_api.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)

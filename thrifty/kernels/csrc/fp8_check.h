@@ -2,7 +2,7 @@
 // fp8_avx2.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include "torch_api.h"
 
 #include <cstdint>
 #include <optional>

@@ -17,7 +17,7 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cstdint>

@@ -29,7 +29,7 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
-#include <torch/extension.h>
+#include "torch_api.h"
 #include <unistd.h>
 
 #include <algorithm>

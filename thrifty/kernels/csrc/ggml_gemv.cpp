@@ -19,7 +19,7 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cmath>

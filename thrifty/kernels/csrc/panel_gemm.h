@@ -4,7 +4,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "torch_api.h"
 
 #include <algorithm>
 #include <cstdint>

@@ -14,7 +14,7 @@
 // A row whose kept set reaches below the collected tokens (a nucleus in a flat tail, or top-k
 // asking for more tokens) is decided again with a 64x lower bound, then over the whole row.
 // Top logprobs come from one more pass (mostly a compare per 16 tokens), where asked for.
-#include <torch/extension.h>
+#include "torch_api.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX2__) && defined(__FMA__)

@@ -14,7 +14,7 @@
 // RuntimeError instead of a wait forever.
 #pragma once
 
-#include <torch/extension.h>
+#include "torch_api.h"
 
 #include <sched.h>
 #include <signal.h>
@@ -69,7 +69,7 @@ class Group {
         std::vector<int64_t> peers)
       : seg_(seg), rank_(rank), world_(world), header_(header), capacity_(capacity),
         peers_(std::move(peers)) {
-    TORCH_CHECK(seg.scalar_type() == torch::kUInt8 && seg.is_contiguous(),
+    TORCH_CHECK(seg.scalar_type() == torch::kByte && seg.is_contiguous(),
                 "the segment must be a contiguous uint8 tensor");
     TORCH_CHECK(0 <= rank && rank < world && static_cast<int64_t>(peers_.size()) == world &&
                     world * kLine <= header && capacity % kLine == 0 &&
