@@ -11,7 +11,9 @@ up front, as `thrifty serve` does before it reports ready.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -105,11 +107,18 @@ def _all_kernels() -> tuple[Kernel, ...]:
 def prepare(announce: Callable[[str], None]) -> str:
     """Build (or load) every CPU kernel now rather than on first use, so that a server is fast
     from its first request; `announce` gets one line before each build that compiles. Returns
-    a line saying what each runs on."""
-    parts = []
-    for kernel in _all_kernels():
-        ready = kernel.load(announce) is not None
-        parts.append(f"{kernel.name} {'compiled' if ready else '-> ' + kernel.fallback}")
+    a line saying what each runs on.
+
+    The builds run side by side, one per core: each is one translation unit (one compiler
+    process), so a fresh install of four kernels on two cores takes two builds' time.
+    """
+    chosen = _all_kernels()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(chosen), os.cpu_count() or 1))) as pool:
+        loaded = list(pool.map(lambda kernel: kernel.load(announce), chosen))
+    parts = [
+        f"{kernel.name} {'compiled' if module is not None else '-> ' + kernel.fallback}"
+        for kernel, module in zip(chosen, loaded, strict=True)
+    ]
     return "thrifty: CPU kernels: " + ", ".join(parts)
 
 
