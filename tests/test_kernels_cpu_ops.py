@@ -30,7 +30,8 @@ def test_kernel_builds_here():
 def test_matches_reference(batch, kv_heads, group, head_dim, block_size, dtypes, data):
     dtype, cache_dtype = dtypes
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    lens = [data.draw(st.integers(1, 40)) for _ in range(batch)]
+    # Up to 100 tokens: several of the kernels' 8-token key and 32-token value passes, and tails.
+    lens = [data.draw(st.integers(1, 100)) for _ in range(batch)]
     max_blocks = max(-(-n // block_size) for n in lens)
     num_blocks = batch * max_blocks + 1
     shape = (num_blocks, block_size, kv_heads, head_dim)

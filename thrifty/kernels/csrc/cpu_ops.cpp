@@ -38,6 +38,16 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+// Tasks of (sequence, kv head) per thread: enough that each chunk has about 64k multiply-adds
+// (a few microseconds on one core), since waking the thread pool costs about as much here
+// (SmolLM2 at batch 1 and 64 tokens: 3 tasks took 7.3 us on 2 threads, 7.1 on one).
+inline int64_t attention_grain(int64_t B, const int64_t* lens, int64_t G, int64_t D) {
+  int64_t tokens = 0;
+  for (int64_t b = 0; b < B; ++b) tokens += lens[b];
+  const int64_t per_task = std::max<int64_t>(1, tokens / std::max<int64_t>(1, B) * G * D * 2);
+  return std::max<int64_t>(1, ((int64_t{1} << 16) + per_task - 1) / per_task);
+}
+
 // The portable version: one element at a time, accumulation in float32. T: q's and the
 // output's dtype; KV: the caches' (float32, or bfloat16 under float32 activations too).
 template <typename T, typename KV>
@@ -46,7 +56,7 @@ void attend_scalar(const T* q, const KV* k_cache, const KV* v_cache, const int64
             int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;  // elements per cache slot
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, attention_grain(B, lens, G, D), [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv;
@@ -192,7 +202,7 @@ void attend_simd(const T* q, const KV* k_cache, const KV* v_cache, const int64_t
   const auto* qr = reinterpret_cast<const typename Raw<T>::type*>(q);
   const auto* kc = reinterpret_cast<const R*>(k_cache);
   const auto* vc = reinterpret_cast<const R*>(v_cache);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, attention_grain(B, lens, G, D), [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * C * 16), res(G * C * 16), scores;
     std::vector<const R*> k, v;
     for (int64_t task = begin; task < end; ++task) {
@@ -232,35 +242,56 @@ inline __m256 reduce8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
+// 8 rows of C chunks of 8 values each as float32 into buf (8, C, 8): a bf16 cache's rows are
+// widened once here, not once per query head of the group as the dot products read them.
+template <int C>
+inline void widen_rows(const uint16_t* const* rows, float* buf) {
+  for (int j = 0; j < 8; ++j)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(buf + (j * C + c) * 8, load8(rows[j] + c * 8));
+}
+
 // One (sequence, kv head) task; k[t], v[t]: the rows of token t, len + 7 of them (the extra
 // repeat the last row); qf: (G, C, 8) scaled queries; scores: G * padded floats; out: (G, C, 8).
+// Keys and values go 8 tokens at a time for all G query heads of the kv head, so each row is
+// read (and, from a bf16 cache, widened) once; each head still sums its tokens in order.
 template <typename R, int C>
 void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
                   float* scores, float* out) {
+  constexpr bool kWiden = std::is_same_v<R, uint16_t>;
   const int64_t padded = (len + 7) / 8 * 8;
   // As the AVX-512 task: the block table scatters the rows where the hardware prefetcher
   // can't follow, so the next 8 keys are fetched while these are scored, values kAhead ahead.
   constexpr int64_t kAhead = 8;
   const int64_t D = 8 * C;
+  alignas(32) float buf[8 * C * 8];
+  // Row j of the current 8 tokens, chunk c: from buf where widened, else the cache itself.
+  auto row = [&](const R* const* rows, int j, int c) -> __m256 {
+    if constexpr (kWiden) return _mm256_load_ps(buf + (j * C + c) * 8);
+    else return _mm256_loadu_ps(rows[j] + c * 8);
+  };
   for (int64_t t = 0; t < std::min<int64_t>(8, len); ++t) prefetch_row(k[t], D);
   for (int64_t t0 = 0; t0 < len; t0 += 8) {
     for (int64_t t = t0 + 8; t < std::min(t0 + 16, len); ++t) prefetch_row(k[t], D);
+    if constexpr (kWiden) widen_rows<C>(k + t0, buf);
     for (int64_t g = 0; g < G; ++g) {
       __m256 dots[8];
       for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
       for (int c = 0; c < C; ++c) {
         const __m256 qv = _mm256_loadu_ps(qf + (g * C + c) * 8);
-        for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qv, load8(k[t0 + j] + c * 8), dots[j]);
+        for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qv, row(k + t0, j, c), dots[j]);
       }
       _mm256_storeu_ps(scores + g * padded + t0, reduce8(dots));
     }
   }
+  alignas(32) float lanes[8];
+  float inv_small[16];
+  std::vector<float> inv_large(G > 16 ? G : 0);
+  float* inv = G > 16 ? inv_large.data() : inv_small;
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * padded;  // softmax over the len scores of head g (pads: -inf)
     for (int64_t t = len; t < padded; ++t) s[t] = -std::numeric_limits<float>::infinity();
     __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t t0 = 0; t0 < padded; t0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t0));
-    alignas(32) float lanes[8];
     _mm256_store_ps(lanes, mv);
     const float m = *std::max_element(lanes, lanes + 8);
     __m256 sv = _mm256_setzero_ps();
@@ -276,18 +307,45 @@ void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t
     _mm256_store_ps(lanes, sv);
     float sum = 0.f;
     for (float x : lanes) sum += x;
-    const __m256 inv = _mm256_set1_ps(1.f / sum);
-    __m256 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
-    if (g == 0)
-      for (int64_t t = 0; t < std::min(kAhead, len); ++t) prefetch_row(v[t], D);
-    for (int64_t t = 0; t < len; ++t) {
-      if (g == 0 && t + kAhead < len) prefetch_row(v[t + kAhead], D);
-      const __m256 pt = _mm256_broadcast_ss(s + t);
-      for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pt, load8(v[t] + c * 8), acc[c]);
-    }
-    for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + (g * C + c) * 8, _mm256_mul_ps(acc[c], inv));
+    inv[g] = 1.f / sum;
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + (g * C + c) * 8, _mm256_setzero_ps());
   }
+  // out[g] += sum_t p[g][t] v[t]: a bf16 cache's values are widened 32 tokens at a time into
+  // vbuf (8 KB for 64 dims) and every head sums from there, its C accumulators loaded from out
+  // and stored back once a pass; a float32 cache is read in place, each head in one pass.
+  constexpr int64_t kVB = 32;
+  alignas(32) float vbuf[kWiden ? kVB * C * 8 : 8];
+  const int64_t step = kWiden ? kVB : len;
+  for (int64_t t = 0; t < std::min(kAhead, len); ++t) prefetch_row(v[t], D);
+  for (int64_t t0 = 0; t0 < len; t0 += step) {
+    const int64_t n = std::min(step, len - t0);
+    if constexpr (kWiden) {
+      for (int64_t j = 0; j < n; j += 8) {
+        for (int64_t t = t0 + j + 8; t < std::min(t0 + j + 16, len); ++t) prefetch_row(v[t], D);
+        widen_rows<C>(v + t0 + j, vbuf + j * C * 8);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* s = scores + g * padded + t0;
+      __m256 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = _mm256_loadu_ps(out + (g * C + c) * 8);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 pt = _mm256_broadcast_ss(s + j);
+        if constexpr (kWiden) {
+          for (int c = 0; c < C; ++c)
+            acc[c] = _mm256_fmadd_ps(pt, _mm256_load_ps(vbuf + (j * C + c) * 8), acc[c]);
+        } else {
+          if (g == 0 && t0 + j + kAhead < len) prefetch_row(v[t0 + j + kAhead], D);
+          for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pt, load8(v[t0 + j] + c * 8), acc[c]);
+        }
+      }
+      for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + (g * C + c) * 8, acc[c]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c)
+      _mm256_storeu_ps(out + (g * C + c) * 8,
+                       _mm256_mul_ps(_mm256_loadu_ps(out + (g * C + c) * 8), _mm256_set1_ps(inv[g])));
 }
 
 template <typename T, typename KV, int C>
@@ -298,7 +356,7 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
   const int64_t G = H / Hkv, row = Hkv * D;
   const auto* kc = reinterpret_cast<const R*>(k_cache);
   const auto* vc = reinterpret_cast<const R*>(v_cache);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, attention_grain(B, lens, G, D), [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), res(G * D), scores;
     std::vector<const R*> k, v;
     for (int64_t task = begin; task < end; ++task) {
