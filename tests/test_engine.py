@@ -335,12 +335,22 @@ def test_malformed_message_is_a_thrifty_error(llm, message):
 def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_keeps_the_greedy_answers(llm):
     # --kv-cache-dtype bfloat16 under SmolLM2's float32 activations: half the bytes a token in
     # the same memory, and the compiled decode path reading it gives the same greedy tokens
-    # on a batch of prompts (keys and values rounded to bfloat16 move the logits by ~1e-3).
+    # on a batch of prompts, but where the float32 cache's two best tokens are a near tie: keys
+    # and values rounded to bfloat16 move the logprobs by ~1e-2 (MOON's 17th token was 0.014
+    # ahead of the next, and flipped when x's group sums were added in another order).
     half = LLM("smollm2-135m-instruct", dtype="float32", kv_cache_dtype="bfloat16", progress=False)
     assert half.engine.runner.kv_cache.dtype == torch.bfloat16
     assert half.engine.runner.num_blocks == 2 * llm.engine.runner.num_blocks
     prompts = [chat_ids(llm, m) for m in (COUNT, PARIS, POEM, MOON)]
-    params = SamplingParams(max_tokens=24, temperature=0)
-    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    got = [o.outputs[0].token_ids for o in half.generate(prompts, params)]
-    assert got == want
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True)
+    same = 0
+    for w, g in zip(llm.generate(prompts, params), half.generate(prompts, params), strict=True):
+        want, got = w.outputs[0], g.outputs[0]
+        if got.token_ids == want.token_ids:
+            same += 1
+            continue
+        pairs = zip(want.token_ids, got.token_ids, strict=True)
+        j = next(i for i, (a, b) in enumerate(pairs) if a != b)
+        (_, best), (_, second) = want.logprobs[j].top[:2]
+        assert best - second < 0.05, (j, want.logprobs[j], got.logprobs[j])
+    assert same >= 3
