@@ -229,11 +229,7 @@ void attend_simd(const T* q, const KV* k_cache, const KV* v_cache, const int64_t
 // The same attention on AVX2 (CPUs without AVX-512): 8 lanes per chunk, C chunks per head
 // (D = 8 C exactly), scores 8 tokens per pass folded by one transpose-add, the same exp.
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // bf16: the upper half of a float32
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+using thrifty_vec::load8;
 
 // Lane i: the sum of the 8 lanes of v[i].
 inline __m256 reduce8(const __m256* v) {

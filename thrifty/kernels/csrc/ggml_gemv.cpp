@@ -490,12 +490,9 @@ void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* 
   });
 }
 
-// 8 values of x as float32 (bf16 is float32's upper half).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+// 8 values of x as float32.
+inline __m256 load8(const float* p) { return V::load8(p); }
+inline __m256 load8(const at::BFloat16* p) { return V::load8(reinterpret_cast<const uint16_t*>(p)); }
 
 inline float hmax8(__m256 v) {
   __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -20,6 +20,14 @@ constexpr mask16 kAll = 0xFFFF;
 inline mask16 first_lanes(int64_t n) { return n >= 16 ? kAll : static_cast<mask16>((1u << n) - 1); }
 
 #if defined(__AVX2__) && defined(__FMA__)
+// 8 float32 or bfloat16 values (raw 16 bits: a bfloat16 is the upper half of a float32) as 8
+// float32 lanes.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // e^x as simd.h's exp512 on 8 lanes: x = n ln2 + r, e^r by its degree-6 Taylor polynomial,
 // times 2^n built in the exponent bits (n >= -126 after the clamp at -87).
 inline __m256 exp8(__m256 x) {
