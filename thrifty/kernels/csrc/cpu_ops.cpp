@@ -247,12 +247,12 @@ inline void widen_rows(const uint16_t* const* rows, float* buf) {
 }
 
 // One (sequence, kv head) task; k[t], v[t]: the rows of token t, len + 7 of them (the extra
-// repeat the last row); qf: (G, C, 8) scaled queries; scores: G * padded floats; out: (G, C, 8).
-// Keys and values go 8 tokens at a time for all G query heads of the kv head, so each row is
+// repeat the last row); qf: (G, C, 8) scaled queries; scores: G * padded floats; inv: G floats
+// of scratch; out: (G, C, 8). Keys and values go 8 tokens at a time for all G query heads of the kv head, so each row is
 // read (and, from a bf16 cache, widened) once; each head still sums its tokens in order.
 template <typename R, int C>
 void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
-                  float* scores, float* out) {
+                  float* scores, float* inv, float* out) {
   constexpr bool kWiden = std::is_same_v<R, uint16_t>;
   const int64_t padded = (len + 7) / 8 * 8;
   // As the AVX-512 task: the block table scatters the rows where the hardware prefetcher
@@ -280,9 +280,6 @@ void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t
     }
   }
   alignas(32) float lanes[8];
-  float inv_small[16];
-  std::vector<float> inv_large(G > 16 ? G : 0);
-  float* inv = G > 16 ? inv_large.data() : inv_small;
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * padded;  // softmax over the len scores of head g (pads: -inf)
     for (int64_t t = len; t < padded; ++t) s[t] = -std::numeric_limits<float>::infinity();
@@ -353,7 +350,7 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
   const auto* kc = reinterpret_cast<const R*>(k_cache);
   const auto* vc = reinterpret_cast<const R*>(v_cache);
   at::parallel_for(0, B * Hkv, attention_grain(B, lens, G, D), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), res(G * D), scores;
+    std::vector<float> qf(G * D), res(G * D), inv(G), scores;
     std::vector<const R*> k, v;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv, len = lens[b];
@@ -363,7 +360,8 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
       scores.resize(G * ((len + 7) / 8 * 8));
-      attend_task8<R, C>(qf.data(), k.data(), v.data(), len, G, scores.data(), res.data());
+      attend_task8<R, C>(qf.data(), k.data(), v.data(), len, G, scores.data(), inv.data(),
+                         res.data());
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) out[(b * H + kvh * G + g) * D + d] = static_cast<T>(res[g * D + d]);
     }

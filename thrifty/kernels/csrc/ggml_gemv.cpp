@@ -494,18 +494,6 @@ void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* 
 inline __m256 load8(const float* p) { return V::load8(p); }
 inline __m256 load8(const at::BFloat16* p) { return V::load8(reinterpret_cast<const uint16_t*>(p)); }
 
-inline float hmax8(__m256 v) {
-  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
-}
-
 // x (M, K) -> int16 qx (M, K), dx (M, groups of 32) and x's float sums per group (M, groups):
 // dx = max|x| / 32767, qx = x * (1 / dx) rounded half to even (0 for an all-zero group), as
 // thrifty.kernels.ggml.reference_quantize_x computes them (the sums in another order). Vectorized
@@ -522,7 +510,7 @@ void quantize_x(const T* x, int64_t M, int64_t K, int16_t* xq, float* dx, float*
         v[j] = load8(src + 8 * j);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
       }
-      const float d = hmax8(amax) / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+      const float d = V::reduce8_max(amax) / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
       const __m256 inv = _mm256_set1_ps(id);
       __m256i q[4];  // cvtps rounds half to even (the default MXCSR), as nearbyint does
       for (int j = 0; j < 4; ++j) {
@@ -534,7 +522,7 @@ void quantize_x(const T* x, int64_t M, int64_t K, int16_t* xq, float* dx, float*
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * 32), p0);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * 32 + 16), p1);
       dx[i] = d;
-      xsum[i] = hsum8(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+      xsum[i] = V::reduce8_add(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     }
   });
 }

@@ -110,13 +110,13 @@ inline float reduce8_add(__m256 v) {
   t = _mm_add_ps(t, _mm_movehl_ps(t, t));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
-inline float reduce_add(f16v v) { return reduce8_add(_mm256_add_ps(v.lo, v.hi)); }
-inline float reduce_max(f16v v) {
-  const __m256 m = _mm256_max_ps(v.lo, v.hi);
-  __m128 t = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+inline float reduce8_max(__m256 v) {
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   t = _mm_max_ps(t, _mm_movehl_ps(t, t));
   return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
 }
+inline float reduce_add(f16v v) { return reduce8_add(_mm256_add_ps(v.lo, v.hi)); }
+inline float reduce_max(f16v v) { return reduce8_max(_mm256_max_ps(v.lo, v.hi)); }
 inline f16v load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline f16v load(const float* p, mask16 k) {
   if (k == kAll) return load(p);
