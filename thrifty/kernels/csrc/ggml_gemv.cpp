@@ -497,7 +497,7 @@ inline __m256 load8(const at::BFloat16* p) { return V::load8(reinterpret_cast<co
 // x (M, K) -> int16 qx (M, K), dx (M, groups of 32) and x's float sums per group (M, groups):
 // dx = max|x| / 32767, qx = x * (1 / dx) rounded half to even (0 for an all-zero group), as
 // thrifty.kernels.ggml.reference_quantize_x computes them (the sums in another order). Vectorized
-// and over the threads: one scalar pass per group was 3% of a batch-32 decode step, on one core.
+// and over the threads: one scalar pass on one core was about 3% of a batch-32 decode step.
 template <typename T>
 void quantize_x(const T* x, int64_t M, int64_t K, int16_t* xq, float* dx, float* xsum) {
   at::parallel_for(0, M * (K / 32), 256, [&](int64_t i0, int64_t i1) {
