@@ -123,6 +123,18 @@ def test_kernels_equal_the_reference(compiled, qtype, dtype, rows):
     )
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+def test_one_row_of_x_with_partial_blocks(compiled, qtype):
+    """The batch-1 GEMV takes output rows 4 at a time and x's group sums 8 groups at a time:
+    6 rows (one block and 2 left) by 11 groups (8 and 3 left) meet both tails."""
+    n, k = 6, 11 * 32
+    weight, scale = ggml.repack(_blocks(qtype, n, k, np.random.default_rng(0)), qtype, (n, k))
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0))
+    want = kernels.reference_gemv(x, weight, scale)
+    tol = 2e-5 * float(want.abs().max()) + 1e-6
+    torch.testing.assert_close(kernels.gemv(x, weight, scale), want, atol=tol, rtol=0)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_embedding_rows_and_dequantize(compiled, qtype, dtype):
