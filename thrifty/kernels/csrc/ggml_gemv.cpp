@@ -9,7 +9,8 @@
 // summation order. With bf16 x, q4 and q5 take AVX-512 BF16 dot products instead (see
 // pair_step): half the instructions per weight. Output rows go in tiles of 16 whose bytes stay in
 // cache while up to 4 rows of x at a time pass over them; the 16 row sums of a tile are reduced
-// by one transpose-add.
+// by one transpose-add. On AVX2, one row of x (batch-1 decode) goes 4 output rows at a time
+// straight to y instead (gemv1_i16: the tiles cost as much again as the dot products there).
 //
 // The float32 path runs on AVX-512 or, built with AVX2 + FMA flags for CPUs without AVX-512, on
 // two AVX2 registers per 16 lanes (vec16.h); the bf16 dot-product path needs AVX-512 BF16.
