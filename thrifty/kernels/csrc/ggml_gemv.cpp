@@ -318,6 +318,11 @@ std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t N) {
   return shape;
 }
 
+// y (M, N) in x's leading shape: y itself where x is (M, K), as in a decode step.
+torch::Tensor shaped(const torch::Tensor& y, const torch::Tensor& x) {
+  return x.dim() == 2 ? y : y.view(out_shape(x, y.size(1)));
+}
+
 template <Format F, int C, typename T>
 void run_gemv(const Layout& L, const torch::Tensor& xf, const torch::Tensor& xsum,
               const torch::Tensor& weight, const torch::Tensor& scale,
@@ -620,18 +625,20 @@ struct FormatTag {
   static constexpr int group = G;
 };
 
-// x2 (M, K) rounded to int16 (quantize_x: qx, dx, and x's float sums into xsum, M x groups),
-// then kernel(FormatTag, qx, dx, xsum, bias, y) for the weight's format and x's dtype: what
-// the GEMV's and the int16 GEMM's int16 paths share.
+// x2 (M, K) rounded to int16 (quantize_x: qx, dx, and x's float sums xsum, M x groups), then
+// kernel(FormatTag, qx, dx, xsum, bias, y) for the weight's format and x's dtype: what the
+// GEMV's and the int16 GEMM's int16 paths share.
 template <typename Kernel>
 void on_int16_x(const Layout& L, const torch::Tensor& x2, const std::optional<torch::Tensor>& bias,
-                torch::Tensor& y, int64_t fmt, int64_t G, float* xsum, const Kernel& kernel) {
+                torch::Tensor& y, int64_t fmt, int64_t G, const Kernel& kernel) {
   const int64_t M = x2.size(0);
-  // One scratch allocation per call (the decode step makes ~100 of these calls): dx, then qx.
+  // One scratch allocation per call (the decode step makes ~120 of these calls): dx, the sums,
+  // then qx.
   torch::Tensor scratch =
-      torch::empty({M * L.groups * 4 + M * L.K * 2}, x2.options().dtype(at::kByte));
+      torch::empty({M * L.groups * 8 + M * L.K * 2}, x2.options().dtype(at::kByte));
   auto dp = reinterpret_cast<float*>(scratch.data_ptr());
-  auto qp = reinterpret_cast<int16_t*>(dp + M * L.groups);
+  float* xsum = dp + M * L.groups;
+  auto qp = reinterpret_cast<int16_t*>(xsum + M * L.groups);
   auto run = [&](const auto* xp, const auto* bp, auto* yp) {
     quantize_x(xp, M, L.K, qp, dp, xsum);
     if (fmt == kQ4) kernel(FormatTag<kQ4, 32>{}, qp, dp, xsum, bp, yp);
@@ -658,13 +665,13 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
-  if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
+  if (M == 0 || L.N == 0) return shaped(y, x);
   const auto opts = x.options().dtype(at::kFloat);
-  torch::Tensor xsum = torch::empty({M, L.groups}, opts);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
 #if defined(__AVX512BF16__)
   if (bf16 && fmt != kQ8) {  // AVX-512 BF16 dot products over the nibbles (pair_step)
+    torch::Tensor xsum = torch::empty({M, L.groups}, opts);
     const int64_t Kp = (L.groups + 1) / 2 * 64;
     torch::Tensor xp = torch::empty({M, Kp}, x.options());
     auto xpp = reinterpret_cast<uint16_t*>(xp.data_ptr());
@@ -677,13 +684,13 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
     } else {
       gemv_bf16<kQ5>(L, xpp, Kp, xsum.data_ptr<float>(), wp, scale.data_ptr<float>(), bp, yp, M);
     }
-    return y.view(out_shape(x, L.N));
+    return shaped(y, x);
   }
 #endif
 #if !defined(__AVX512F__)
   if (G == 32 || L.K % 32 == 0) {  // integer dot products on x rounded to int16 (quantize_x)
     auto sc = scale.data_ptr<float>();
-    on_int16_x(L, x2, bias, y, fmt, G, xsum.data_ptr<float>(),
+    on_int16_x(L, x2, bias, y, fmt, G,
                [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
                    auto* yp) {
                  using Tag = decltype(f);
@@ -693,9 +700,10 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
                    gemv_i16<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp, M);
                  }
                });
-    return y.view(out_shape(x, L.N));
+    return shaped(y, x);
   }
 #endif
+  torch::Tensor xsum = torch::empty({M, L.groups}, opts);
   torch::Tensor xf = torch::empty({M, L.K}, opts);
   if (bf16) {
     prepare_float(L, reinterpret_cast<const at::BFloat16*>(x2.data_ptr()), M,
@@ -716,7 +724,7 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
     bf16 ? run_gemv<kQ8, 1, at::BFloat16>(L, xf, xsum, weight, scale, bias, y)
          : run_gemv<kQ8, 1, float>(L, xf, xsum, weight, scale, bias, y);
   }
-  return y.view(out_shape(x, L.N));
+  return shaped(y, x);
 }
 
 template <typename T>
@@ -760,10 +768,9 @@ torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
   if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
-  torch::Tensor xsum = torch::empty({M, L.groups}, x.options().dtype(at::kFloat));
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   auto sc = scale.data_ptr<float>();
-  on_int16_x(L, x2, bias, y, fmt, G, xsum.data_ptr<float>(),
+  on_int16_x(L, x2, bias, y, fmt, G,
              [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
                  auto* yp) {
                using Tag = decltype(f);
