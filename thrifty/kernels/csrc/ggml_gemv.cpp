@@ -312,15 +312,12 @@ void check_x(const Layout& L, const torch::Tensor& x, const std::optional<torch:
   }
 }
 
-std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t N) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return shape;
-}
-
 // y (M, N) in x's leading shape: y itself where x is (M, K), as in a decode step.
 torch::Tensor shaped(const torch::Tensor& y, const torch::Tensor& x) {
-  return x.dim() == 2 ? y : y.view(out_shape(x, y.size(1)));
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.view(shape);
 }
 
 template <Format F, int C, typename T>
@@ -429,6 +426,17 @@ inline __m256i dot_words(__m256i lo, __m256i hi, const int16_t* xq) {
   return _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
 }
 
+// acc + sum_g m_g * xs_g over a row's groups (the offsets m against x's own group sums), 8 groups
+// a step into acc; the last groups % 8 summed into `tail`.
+inline __m256 add_offsets(const float* m, const float* xs, int64_t groups, __m256 acc,
+                          float& tail) {
+  int64_t h = 0;
+  for (; h + 8 <= groups; h += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(m + h), _mm256_loadu_ps(xs + h), acc);
+  for (; h < groups; ++h) tail += m[h] * xs[h];
+  return acc;
+}
+
 // As row_dot, on quantized x (xq (mb, K); dx and xsum (mb, K / 32)); the 8 lanes go in `lo`.
 // G = 16 is q8 in groups of 16 (Q6_K): each group's 16 words meet 16 values of x, whose dx is
 // that of the group of 32 holding them; one madd instead of the float path's widening to 32 bits.
@@ -468,14 +476,9 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
   if (g < L.groups) step(g, a);
   for (int m = 0; m < mb; ++m) {
     __m256 off = _mm256_setzero_ps();
-    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g), 8 groups a step
-      const float* mrow = drow + L.groups;
-      const float* xs = xsum + m * xgroups;
-      int64_t h = 0;
-      for (; h + 8 <= L.groups; h += 8)
-        off = _mm256_fmadd_ps(_mm256_loadu_ps(mrow + h), _mm256_loadu_ps(xs + h), off);
+    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g)
       float tail = 0.f;
-      for (; h < L.groups; ++h) tail += mrow[h] * xs[h];
+      off = add_offsets(drow + L.groups, xsum + m * xgroups, L.groups, off, tail);
       off = _mm256_add_ps(off, _mm256_setr_ps(tail, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f));
     }
     acc[m] = V::f16v{_mm256_add_ps(a[m], b[m]), off};
@@ -545,12 +548,8 @@ inline void rows_dot_i16(const Layout& L, const uint8_t* w, const float* scale, 
   }
   for (int r = 0; r < R; ++r) {
     float tail = 0.f;
-    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g), 8 groups a step
-      const float* m = d[r] + L.groups;
-      int64_t h = 0;
-      for (; h + 8 <= L.groups; h += 8)
-        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(m + h), _mm256_loadu_ps(xsum + h), acc[r]);
-      for (; h < L.groups; ++h) tail += m[h] * xsum[h];
+    if constexpr (F != kQ8) {  // + sum_g m_g * sum(x over group g)
+      acc[r] = add_offsets(d[r] + L.groups, xsum, L.groups, acc[r], tail);
     }
     out[r] = V::reduce8_add(acc[r]) + tail;
   }
@@ -743,7 +742,7 @@ torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
-  if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
+  if (M == 0 || L.N == 0) return shaped(y, x);
   const int64_t rows = thrifty_panel::panel_rows(L.N, kMinPanelRows, kPanelRows);
   thrifty_panel::panel_gemm(x2, bias.value_or(torch::Tensor()), y, rows,
                             [&](int64_t n0, int64_t n1, torch::Tensor& w) {
@@ -753,7 +752,7 @@ torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
                                 dequant_into<at::BFloat16>(L, weight, scale, n0, n1, w);
                               }
                             });
-  return y.view(out_shape(x, L.N));
+  return shaped(y, x);
 }
 
 #if !defined(__AVX512F__)
@@ -767,7 +766,7 @@ torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
-  if (M == 0 || L.N == 0) return y.view(out_shape(x, L.N));
+  if (M == 0 || L.N == 0) return shaped(y, x);
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
   auto sc = scale.data_ptr<float>();
   on_int16_x(L, x2, bias, y, fmt, G,
@@ -776,7 +775,7 @@ torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
                using Tag = decltype(f);
                ggml_i16::gemm<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp, M);
              });
-  return y.view(out_shape(x, L.N));
+  return shaped(y, x);
 }
 #endif
 
