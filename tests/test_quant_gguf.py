@@ -26,6 +26,7 @@ from thrifty.kernels import ggml as kernels
 from thrifty.loader.gguf import convert_gguf
 from thrifty.loader.gguf_weights import dequantize_model
 from thrifty.loader.weights import load_model
+from thrifty.models import llama
 from thrifty.models.attention import build_metadata, forward_context
 from thrifty.models.layers import linear
 from thrifty.quant import ggml
@@ -293,6 +294,31 @@ def test_tiny_gguf_logits_match_transformers(tiny, compiled):
         with torch.inference_mode(), forward_context(meta):
             logits = model.compute_logits(model(seq[pos : pos + 1], torch.tensor([pos])))
         torch.testing.assert_close(logits[0], want[pos], atol=atol, rtol=0)
+
+
+def test_the_compiled_layer_loop_equals_the_python_one(tiny, compiled, monkeypatch):
+    """Decode steps of two sequences of different lengths: the layers looped in C++
+    (csrc/decode_layers.h; layer 0's dense qkv through torch's linear) give the Python loop's
+    logits bit for bit."""
+    out, _ = tiny
+    model = _native_model(out)
+    seq = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    tables, starts = [list(range(1, 9)), list(range(9, 17))], [9, 5]
+    ids = torch.cat([seq[0, :9], seq[1, :5]])
+    meta = build_metadata(starts, starts, tables, 4)
+    with torch.inference_mode(), forward_context(meta):
+        model(ids, torch.cat([torch.arange(9), torch.arange(5)]))
+    for step in range(6):
+        pos = [s + step for s in starts]
+        meta = build_metadata([1, 1], [p + 1 for p in pos], tables, 4)
+        logits = {}
+        for native in (True, False):
+            monkeypatch.setattr(llama, "NATIVE_DECODE", native)
+            with torch.inference_mode(), forward_context(meta):
+                hidden = model(seq[[0, 1], pos], torch.tensor(pos))
+                logits[native] = model.compute_logits(hidden)
+        assert model.compiled_layers(hidden).native is not None
+        assert torch.equal(logits[True], logits[False])
 
 
 def test_the_cache_keeps_no_weights(tiny):

@@ -45,16 +45,6 @@ AVX2_KERNEL = Kernel(
 )
 
 
-# Up to this many rows of x the GEMV beats the next path, per build (benchmarks/gguf_native.py
-# --crossover): AVX-512 (bf16 x; dequantize + oneDNN, with AMX, beyond) at 8, on most weight
-# shapes of SmolLM2 and Qwen2.5-0.5B; AVX2 (x rounded to int16) at 8, beyond which its int16
-# GEMM, blocked for registers, takes over up to I16_MAX_ROWS rows, and dequantize + torch's
-# float32 matmul (at this 2-core EPYC's FMA peak) beyond that
-# (benchmarks/results/gguf_crossover_avx2.md).
-MAX_ROWS = {AVX512_KERNEL.name: 8, AVX2_KERNEL.name: 8}
-I16_MAX_ROWS = 64
-
-
 @functools.cache
 def kernel() -> Kernel:
     """The build this CPU runs: AVX-512 where it has it, else AVX2 (whose `load` warns and
@@ -67,14 +57,16 @@ def _extension() -> ModuleType | None:
 
 
 def max_rows() -> int:
-    """The most rows of x this CPU's build sends to the GEMV."""
-    return MAX_ROWS[kernel().name]
+    """The most rows of x this CPU's build sends to the GEMV (csrc/ggml_gemv.cpp: kGemvRows;
+    0 where the kernels cannot run)."""
+    ext = _extension()
+    return ext.gemv_rows if ext is not None else 0
 
 
 def i16_rows() -> int:
     """The most rows of x this CPU's build sends to its int16 GEMM (0: it has none)."""
     ext = _extension()
-    return I16_MAX_ROWS if ext is not None and hasattr(ext, "ggml_gemm_i16") else 0
+    return ext.i16_rows if ext is not None else 0
 
 
 def available() -> bool:
@@ -92,29 +84,26 @@ def linear(
 def linear_kernel(
     weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`linear` for one weight, its format and kernels looked up once: the GEMV up to max_rows()
-    rows of x, the int16 GEMM up to i16_rows() (AVX2), the dequantizing GEMM beyond, the
-    reference where the kernels cannot run."""
+    """`linear` for one weight, its format and kernel looked up once: the compiled dispatch by
+    x's rows (the GEMV up to max_rows(), the int16 GEMM up to i16_rows() on AVX2, the
+    dequantizing GEMM beyond), the reference where the kernels cannot run. The compiled one
+    carries `native`: what the decode step's compiled layer loop calls instead
+    (kernels.native_linear)."""
     if scale is None:
         raise ValueError(f"a GGUF-quantized weight {tuple(weight.shape)} needs its group scales")
     fmt, group = ggml.format_of(weight, scale)
     ext = _extension() if weight.device.type == "cpu" else None
     if ext is None or not (weight.is_contiguous() and scale.is_contiguous()):
         return lambda x: ggml.reference_linear(x, weight, scale, bias)
-    code, gemv, gemm = _FORMATS[fmt], ext.ggml_gemv, ext.ggml_gemm
-    k = ggml.in_features(weight, scale)
-    gemv_numel = max_rows() * k
-    i16_numel = i16_rows() * k if k % 32 == 0 else 0
-    i16 = getattr(ext, "ggml_gemm_i16", None)
+    code, linear_rows = _FORMATS[fmt], ext.ggml_linear
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # x.is_cpu, not x.device.type: 0.06 us against 0.5, on ~120 calls a decode step
         if not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32):
             return ggml.reference_linear(x, weight, scale, bias)
-        n = x.numel()
-        kernel = gemv if n <= gemv_numel else i16 if n <= i16_numel else gemm
-        return kernel(x, weight, scale, bias, code, group)
+        return linear_rows(x, weight, scale, bias, code, group)
 
+    run.native = (ext.linear_capsule, weight, scale, bias, code, group)  # type: ignore[attr-defined]
     return run
 
 

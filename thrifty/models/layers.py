@@ -77,6 +77,24 @@ def linear_kernel(
     return functools.partial(_dense_linear, weight=weight, bias=bias)
 
 
+def native_linear(
+    kernel: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> tuple | None:
+    """A bound kernel (`linear_kernel`) as the compiled decode layer loop takes it, for
+    activations of `dtype`: (capsule, weight, scale, bias, a, b) of a compiled GGUF kernel; a
+    float32 weight kept dense under float32 x as (None, weight, None, bias, 0, 0), which the
+    loop hands to torch's linear as `_dense_linear` does; None for the rest (bf16 and FP8
+    kernels, the references, a forward that all-reduces)."""
+    native = getattr(kernel, "native", None)
+    if native is not None:
+        return native
+    if isinstance(kernel, functools.partial) and kernel.func is _dense_linear:
+        weight, bias = kernel.keywords["weight"], kernel.keywords["bias"]
+        if dtype == weight.dtype == torch.float32 and weight.is_cpu:
+            return (None, weight, None, bias, 0, 0)
+    return None
+
+
 class Linear(Module):
     """A weight (and optional bias) in the checkpoint's layout (out_features, in_features).
 

@@ -16,13 +16,24 @@ from torch import nn
 from thrifty import distributed, kernels
 from thrifty.config import ModelConfig
 from thrifty.models.attention import attend_cached, get_context, paged_attention
-from thrifty.models.layers import Module, RMSNorm, RotaryEmbedding, cpu_ops_take, silu_and_mul
+from thrifty.models.layers import (
+    Module,
+    RMSNorm,
+    RotaryEmbedding,
+    cpu_ops_take,
+    native_linear,
+    silu_and_mul,
+)
 from thrifty.models.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+
+# Whether a decode step loops over the layers in C++ where it can (run_compiled);
+# benchmarks/decode_step.py turns it off to time each op from Python.
+NATIVE_DECODE = True
 
 
 @dataclass(frozen=True)
@@ -144,20 +155,52 @@ class CompiledLayer:
         )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledLayers:
+    """The layers bound for the compiled ops, and the same layers bound once more in C++
+    (`native`: csrc/decode_layers.h) where every linear has a kernel the C++ loop can call
+    (`layers.native_linear`: GGUF, dense float32) and none all-reduces."""
+
+    layers: list[CompiledLayer]
+    native: object | None  # the compiled ops' DecodeLayers
+    dtype: torch.dtype  # of the activations they were bound for
+
+    @staticmethod
+    def of(layers: list[DecoderLayer], dtype: torch.dtype) -> CompiledLayers:
+        bound = [CompiledLayer.of(layer) for layer in layers]
+        native = kernels.cpu_ops().DecodeLayers()
+        for layer in bound:
+            linears = [
+                native_linear(f, dtype) for f in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            ]
+            if any(linear is None for linear in linears):
+                native = None
+                break
+            native.add(layer.input_norm, layer.post_norm, layer.eps, *linears, layer.k_cache,
+                       layer.v_cache, layer.num_heads, layer.num_kv_heads, layer.scale)  # fmt: skip
+        return CompiledLayers(bound, native, dtype)
+
+
 def run_compiled(
-    layers: list[CompiledLayer], x: torch.Tensor, rope: Rope
+    compiled: CompiledLayers, x: torch.Tensor, rope: Rope
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DecoderLayer.forward over every layer, in the compiled CPU ops: per layer the residual
     add fused into each norm, q and k rotated and k, v stored in one pass over the fused qkv,
-    attention read from the cache. Returns (the last MLP output, the residual stream)."""
-    ops = kernels.cpu_ops()  # its functions called directly: no wrapper, no lookup a call
+    attention read from the cache. Returns (the last MLP output, the residual stream).
+
+    A decode step runs the loop in C++ where the layers are bound there (`compiled.native`);
+    prefill, mixed steps and the rest loop here, over the same ops."""
     meta = get_context()
     slots = meta.slot_mapping
     # Block tables are set for a step of decodes only (attention.build_metadata), which then
     # reads the cache through them; prefill and mixed steps go the general way (attend_cached).
     decode = meta.block_tables is not None
+    if decode and compiled.native is not None and NATIVE_DECODE:
+        return compiled.native.run(x, rope.cos, rope.sin, slots, meta.block_tables,
+                                   meta.context_lens)  # fmt: skip
+    ops = kernels.cpu_ops()  # its functions called directly: no wrapper, no lookup a call
     residual = None
-    for layer in layers:
+    for layer in compiled.layers:
         if residual is None:
             residual, x = x, ops.rms_norm(x, layer.input_norm, layer.eps)
         else:
@@ -224,7 +267,7 @@ class LlamaForCausalLM(Module):
                 x, residual = layer(x, residual, rope)
         return self.model.norm(x, residual)[0]
 
-    def compiled_layers(self, x: torch.Tensor) -> list[CompiledLayer] | None:
+    def compiled_layers(self, x: torch.Tensor) -> CompiledLayers | None:
         """The layers bound for `run_compiled` where this step's x and the caches can take the
         compiled CPU ops (bound again when the KV cache or the weights change; Qwen3's q/k
         norms have no fused op)."""
@@ -235,10 +278,11 @@ class LlamaForCausalLM(Module):
         bound = self.__dict__.get("_compiled")
         if (
             bound is None
-            or bound[0].k_cache is not first.k_cache
-            or bound[0].qkv is not first.qkv_proj.bound_kernel()  # weights set anew since
+            or bound.dtype != x.dtype
+            or bound.layers[0].k_cache is not first.k_cache
+            or bound.layers[0].qkv is not first.qkv_proj.bound_kernel()  # weights set anew since
         ):
-            bound = [CompiledLayer.of(layer) for layer in self.model.layers]
+            bound = CompiledLayers.of(list(self.model.layers), x.dtype)
             self.__dict__["_compiled"] = bound
         return bound
 

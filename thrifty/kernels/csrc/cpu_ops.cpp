@@ -1,5 +1,6 @@
 // Small CPU ops of the decode step, where torch's per-op overhead outweighs the work:
-// paged decode attention, RMSNorm, rotary embedding, the KV store, SwiGLU and argmax; and the
+// paged decode attention, RMSNorm, rotary embedding, the KV store, SwiGLU and argmax; the
+// decoder layers of a decode step looped over them in C++ (decode_layers.h); and the
 // tensor-parallel ranks' shared-memory collectives (shm_sync.h).
 //
 // Decode attention straight over the paged KV cache: one query token per sequence, keys and
@@ -756,6 +757,8 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 
 }  // namespace
 
+#include "decode_layers.h"  // the layer loop of a decode step over the ops above
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "attention of one query per sequence over the paged KV cache");
@@ -769,4 +772,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up], float32 inside");
   m.def("argmax_rows", &argmax_rows, "first index of each float32 row's maximum");
   thrifty_shm::bind(m);
+  thrifty_decode::bind(m);
 }

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "gemv_tiles.h"
+#include "linear_abi.h"
 #include "panel_gemm.h"
 #include "vec16.h"
 
@@ -824,9 +825,39 @@ torch::Tensor ggml_dequantize(const torch::Tensor& weight, const torch::Tensor& 
   return out;
 }
 
+// Up to this many rows of x the GEMV beats the next path (benchmarks/gguf_native.py
+// --crossover): on AVX-512 (bf16 x; dequantize + oneDNN, with AMX, beyond) at 8, on most weight
+// shapes of SmolLM2 and Qwen2.5-0.5B; on AVX2 (x rounded to int16) at 8, beyond which its int16
+// GEMM, blocked for registers, takes over up to kI16Rows rows, and dequantize + torch's float32
+// matmul (at the 2-core EPYC's FMA peak) beyond that (benchmarks/results/gguf_crossover_avx2.md).
+constexpr int64_t kGemvRows = 8;
+#if defined(__AVX512F__)
+constexpr int64_t kI16Rows = 0;
+#else
+constexpr int64_t kI16Rows = 64;
+#endif
+
+// The path for x's row count: what a Linear calls, from Python or from the decode layer loop.
+torch::Tensor ggml_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                          const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
+                          int64_t fmt, int64_t G) {
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0;
+  if (M <= kGemvRows) return ggml_gemv(x, weight, scale, bias, fmt, G);
+#if !defined(__AVX512F__)
+  if (M <= kI16Rows && K % 32 == 0) return ggml_gemm_i16(x, weight, scale, bias, fmt, G);
+#endif
+  return ggml_gemm(x, weight, scale, bias, fmt, G);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ggml_linear", &ggml_linear, "y = x @ W^T + b, the GEMV or a GEMM by x's row count");
+  m.attr("linear_capsule") = py::capsule(
+      reinterpret_cast<void*>(static_cast<thrifty_abi::LinearFn>(&ggml_linear)),
+      thrifty_abi::kLinearCapsule);
+  m.attr("gemv_rows") = kGemvRows;
+  m.attr("i16_rows") = kI16Rows;
   m.def("ggml_gemv", &ggml_gemv, "y = x @ W^T + b, few rows of x, W read once, quantized");
   m.def("ggml_gemm", &ggml_gemm, "y = x @ W^T + b, a dequantized panel of W at a time");
   m.def("ggml_rows", &ggml_rows, "rows ids of W, dequantized");
