@@ -1,10 +1,13 @@
 """Where a decode step's time goes: the GGUF linears by shape, attention, the small ops, the rest.
 
 One process, one model, `--batch` sequences of 64-token prompts decoding `--steps` greedy tokens
-(EOS ignored). Each compiled op the step calls is wrapped in a timer, each Linear's bound kernel
-too (timed by its output width: 960 = qkv, 576 = o_proj and down_proj, 3072 = gate_up, the
-vocabulary = the head); what is left of the step is Python, the scheduler, the embedding and
-the step's tensors (the timers themselves add about a microsecond a call).
+(EOS ignored), in blocks of 25 steps that take turns between the two layer loops: C++
+(csrc/decode_layers.h, what a decode step runs) and Python (llama.run_compiled's own loop over
+the same ops, which lets each op be timed from here). Each compiled op the Python loop calls is
+wrapped in a timer, each Linear's bound kernel too (timed by its output width: 960 = qkv, 576 =
+o_proj and down_proj, 3072 = gate_up, the vocabulary = the head), and the layer loop as a whole;
+what is left of the step is Python, the scheduler, the embedding, the final norm and the step's
+tensors (the timers themselves add about a microsecond a call).
 
     .venv/bin/python benchmarks/decode_step.py [--model NAME] [--batch 1] [--steps 200]
 """
@@ -20,6 +23,7 @@ import types
 import torch
 
 from thrifty import LLM, SamplingParams, kernels
+from thrifty.models import llama
 from thrifty.models.layers import Linear
 
 OPS = ("paged_decode_attention", "rope_store_kv", "add_rms_norm", "rms_norm", "silu_and_mul",
@@ -63,26 +67,50 @@ def main() -> None:
             width = module.weight.shape[0]
             module.__dict__["_kernel"] = timed(module.bound_kernel(), f"linear, {width} outputs")
 
-    params = SamplingParams(max_tokens=args.steps + 1, temperature=0, ignore_eos=True)
+    layers_label = "decoder layers (the loop and all in it)"
+    llama.run_compiled = timed(llama.run_compiled, layers_label)
+    params = SamplingParams(max_tokens=2 * args.steps + 1, temperature=0, ignore_eos=True)
     for s in range(args.batch):
         engine.add_request([1] + [(t * 31 + s * 977) % 49000 + 100 for t in range(63)], params)
     engine.step()  # the prompts
-    seconds.clear()
-    calls.clear()
-    start, steps = time.perf_counter(), 0
+    loops = {True: "C++ loop", False: "Python loop"}
+    split = {native: collections.Counter() for native in loops}  # seconds by label
+    counted = {native: collections.Counter() for native in loops}  # calls by label
+    elapsed, steps = dict.fromkeys(loops, 0.0), dict.fromkeys(loops, 0)
     while engine.has_unfinished():
-        engine.step()
-        steps += 1
-    step_ms = (time.perf_counter() - start) / steps * 1e3
-    print(f"{args.model}, batch {args.batch}, {steps} steps, {torch.get_num_threads()} threads:")
-    print(f"{step_ms:.2f} ms a step, {args.batch * 1e3 / step_ms:.1f} tok/s\n")
-    print("| part | ms a step | us a call | share |\n|---|---|---|---|")
-    for label, total in sorted(seconds.items(), key=lambda kv: -kv[1]):
-        ms = total / steps * 1e3
-        print(f"| {label} | {ms:.2f} | {total / calls[label] * 1e6:.1f} | {ms / step_ms:.0%} |")
-    rest = step_ms - sum(seconds.values()) / steps * 1e3
-    print(f"| the rest (Python, scheduler, embedding, step tensors) | {rest:.2f} | | "
-          f"{rest / step_ms:.0%} |")  # fmt: skip
+        native = steps[True] <= steps[False]
+        llama.NATIVE_DECODE = native
+        seconds.clear()
+        calls.clear()
+        start = time.perf_counter()
+        for _ in range(25):
+            if engine.has_unfinished():
+                engine.step()
+                steps[native] += 1
+        elapsed[native] += time.perf_counter() - start
+        split[native].update(seconds)
+        counted[native].update(calls)
+    ms = {n: elapsed[n] / steps[n] * 1e3 for n in loops}
+    print(f"{args.model}, batch {args.batch}, {steps[True]} + {steps[False]} steps, "
+          f"{torch.get_num_threads()} threads: the C++ layer loop {ms[True]:.2f} ms a step "
+          f"({args.batch * 1e3 / ms[True]:.1f} tok/s), the Python loop {ms[False]:.2f} ms "
+          f"({args.batch * 1e3 / ms[False]:.1f} tok/s)\n")  # fmt: skip
+    print("| part | C++ loop, ms a step | Python loop, ms a step | Python loop, us a call |")
+    print("|---|---|---|---|")
+    python = split[False]
+    for label, total in python.most_common():
+        cxx = split[True][label]
+        cxx_ms = f"{cxx / steps[True] * 1e3:.2f}" if cxx else "(in the C++ loop)"
+        print(f"| {label} | {cxx_ms} | {total / steps[False] * 1e3:.2f} | "
+              f"{total / counted[False][label] * 1e6:.1f} |")  # fmt: skip
+    head = f"linear, {model.lm_head.weight.shape[0]} outputs"
+    outside = (layers_label, head, "argmax", "sample_rows")  # timed outside the layer loop
+    in_loop = sum(v for k, v in python.items() if k not in outside)
+    loop = (python[layers_label] - in_loop) / steps[False] * 1e3
+    rest = {n: ms[n] - sum(split[n][k] for k in outside) / steps[n] * 1e3 for n in loops}
+    print(f"| the Python loop itself (the layers less the ops timed in them) | | {loop:.2f} | |")
+    print(f"| the rest (Python, scheduler, embedding, step tensors) | {rest[True]:.2f} | "
+          f"{rest[False]:.2f} | |")  # fmt: skip
 
 
 if __name__ == "__main__":
