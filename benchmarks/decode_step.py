@@ -1,13 +1,14 @@
 """Where a decode step's time goes: the GGUF linears by shape, attention, the small ops, the rest.
 
 One process, one model, `--batch` sequences of 64-token prompts decoding `--steps` greedy tokens
-(EOS ignored), in blocks of 25 steps that take turns between the two layer loops: C++
-(csrc/decode_layers.h, what a decode step runs) and Python (llama.run_compiled's own loop over
-the same ops, which lets each op be timed from here). Each compiled op the Python loop calls is
-wrapped in a timer, each Linear's bound kernel too (timed by its output width: 960 = qkv, 576 =
-o_proj and down_proj, 3072 = gate_up, the vocabulary = the head), and the layer loop as a whole;
-what is left of the step is Python, the scheduler, the embedding, the final norm and the step's
-tensors (the timers themselves add about a microsecond a call).
+(EOS ignored), in blocks of 25 steps that take turns between the two loops over the layers:
+C++ (csrc/decode_layers.h: embedding, layers and final norm in one call, what a decode step
+runs) and Python (llama.run_compiled's own loop over the same ops, which lets each op be timed
+from here). Each compiled op the Python loop calls is wrapped in a timer, each Linear's bound
+kernel too (timed by its output width: 960 = qkv, 576 = o_proj and down_proj, 3072 = gate_up,
+the vocabulary = the head), and the model body as a whole; what is left of the step is Python,
+the scheduler, the sampler's own Python and the step's tensors (the timers themselves add about
+a microsecond a call).
 
     .venv/bin/python benchmarks/decode_step.py [--model NAME] [--batch 1] [--steps 200]
 """
@@ -67,8 +68,8 @@ def main() -> None:
             width = module.weight.shape[0]
             module.__dict__["_kernel"] = timed(module.bound_kernel(), f"linear, {width} outputs")
 
-    layers_label = "decoder layers (the loop and all in it)"
-    llama.run_compiled = timed(llama.run_compiled, layers_label)
+    layers_label = "model body (embedding, layers, final norm: all in it)"
+    model.forward = timed(model.forward, layers_label)
     params = SamplingParams(max_tokens=2 * args.steps + 1, temperature=0, ignore_eos=True)
     for s in range(args.batch):
         engine.add_request([1] + [(t * 31 + s * 977) % 49000 + 100 for t in range(63)], params)
@@ -108,8 +109,8 @@ def main() -> None:
     in_loop = sum(v for k, v in python.items() if k not in outside)
     loop = (python[layers_label] - in_loop) / steps[False] * 1e3
     rest = {n: ms[n] - sum(split[n][k] for k in outside) / steps[n] * 1e3 for n in loops}
-    print(f"| the Python loop itself (the layers less the ops timed in them) | | {loop:.2f} | |")
-    print(f"| the rest (Python, scheduler, embedding, step tensors) | {rest[True]:.2f} | "
+    print(f"| the Python loop itself (the body less the ops timed in it) | | {loop:.2f} | |")
+    print(f"| the rest (Python, scheduler, step tensors) | {rest[True]:.2f} | "
           f"{rest[False]:.2f} | |")  # fmt: skip
 
 

@@ -178,6 +178,16 @@ def embedding(
     return ggml.embedding(ids, weight, scale, dtype)
 
 
+def native_rows(weight: torch.Tensor, scale: torch.Tensor) -> tuple | None:
+    """The quantized table as the compiled decode step reads its rows (capsule, weight, scale,
+    format, group); None where the kernels cannot run."""
+    ext = _extension()
+    if ext is None or not (weight.is_contiguous() and scale.is_contiguous()):
+        return None
+    fmt, group = ggml.format_of(weight, scale)
+    return (ext.rows_capsule, weight, scale, _FORMATS[fmt], group)
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The whole weight in `dtype` (compiled where it can be; the reference otherwise)."""
     if weight.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and available():

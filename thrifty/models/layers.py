@@ -155,6 +155,29 @@ class Embedding(Module):
         self.register_buffer("weight_scale_inv", None)  # group scales of a GGUF table
         self.out_dtype: torch.dtype | None = None  # a GGUF table's rows: the model's dtype
 
+    def output_dtype(self) -> torch.dtype:
+        """The dtype of the rows `forward` returns: the model's activations."""
+        return self.out_dtype or self.weight.dtype
+
+    def takes_cpu_ops(self) -> bool:
+        """Whether the activations this table starts can take the compiled CPU ops
+        (`cpu_ops_take`)."""
+        return (
+            self.weight.is_cpu
+            and self.output_dtype() in (torch.float32, torch.bfloat16)
+            and kernels.cpu_ops_available()
+        )
+
+    def native_rows(self) -> tuple | None:
+        """The table as the compiled decode step reads its rows: (capsule, weight, scale, a, b)
+        of a GGUF table with its kernels built, (None, weight, None, 0, 0) of a dense one
+        (torch's embedding); None for a packed table, or a forward that all-reduces."""
+        if "forward" in self.__dict__ or self.weight.dim() == 3 or not self.weight.is_cpu:
+            return None
+        if self.weight_scale_inv is None:
+            return (None, self.weight, None, 0, 0)
+        return ggml_kernels.native_rows(self.weight, self.weight_scale_inv)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.weight.dim() == 3:
             return kernels.unpack_rows(self.weight, ids)

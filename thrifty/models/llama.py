@@ -20,7 +20,6 @@ from thrifty.models.layers import (
     Module,
     RMSNorm,
     RotaryEmbedding,
-    cpu_ops_take,
     native_linear,
     silu_and_mul,
 )
@@ -157,28 +156,36 @@ class CompiledLayer:
 
 @dataclass(frozen=True, slots=True)
 class CompiledLayers:
-    """The layers bound for the compiled ops, and the same layers bound once more in C++
-    (`native`: csrc/decode_layers.h) where every linear has a kernel the C++ loop can call
-    (`layers.native_linear`: GGUF, dense float32) and none all-reduces."""
+    """The layers bound for the compiled ops, and the whole decode step's model body bound once
+    more in C++ (`native`: csrc/decode_layers.h) where the embedding and every linear have a
+    kernel it can call (`Embedding.native_rows`, `layers.native_linear`: GGUF, dense float32)
+    and none of them all-reduces."""
 
     layers: list[CompiledLayer]
-    native: object | None  # the compiled ops' DecodeLayers
+    native: object | None  # the compiled ops' DecodeModel
     dtype: torch.dtype  # of the activations they were bound for
+    cos: torch.Tensor  # the rotary table they were bound with
 
     @staticmethod
-    def of(layers: list[DecoderLayer], dtype: torch.dtype) -> CompiledLayers:
-        bound = [CompiledLayer.of(layer) for layer in layers]
-        native = kernels.cpu_ops().DecodeLayers()
+    def of(model: LlamaForCausalLM, dtype: torch.dtype) -> CompiledLayers:
+        body, rotary = model.model, model.rotary_emb
+        bound = [CompiledLayer.of(layer) for layer in body.layers]
+        embed = body.embed_tokens.native_rows()
+        native = None
+        if embed is not None:
+            norm = body.norm
+            native = kernels.cpu_ops().DecodeModel(
+                embed, rotary.cos, rotary.sin, norm.weight, norm.eps, dtype
+            )
         for layer in bound:
-            linears = [
-                native_linear(f, dtype) for f in (layer.qkv, layer.o, layer.gate_up, layer.down)
-            ]
-            if any(linear is None for linear in linears):
+            kernels_ = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            linears = [native_linear(f, dtype) for f in kernels_]
+            if native is None or any(linear is None for linear in linears):
                 native = None
                 break
             native.add(layer.input_norm, layer.post_norm, layer.eps, *linears, layer.k_cache,
                        layer.v_cache, layer.num_heads, layer.num_kv_heads, layer.scale)  # fmt: skip
-        return CompiledLayers(bound, native, dtype)
+        return CompiledLayers(bound, native, dtype, rotary.cos)
 
 
 def run_compiled(
@@ -188,16 +195,13 @@ def run_compiled(
     add fused into each norm, q and k rotated and k, v stored in one pass over the fused qkv,
     attention read from the cache. Returns (the last MLP output, the residual stream).
 
-    A decode step runs the loop in C++ where the layers are bound there (`compiled.native`);
-    prefill, mixed steps and the rest loop here, over the same ops."""
+    The C++ loop over the same ops (`compiled.native`) takes the decode steps it can; this one
+    takes prefill, mixed steps and the rest."""
     meta = get_context()
     slots = meta.slot_mapping
     # Block tables are set for a step of decodes only (attention.build_metadata), which then
     # reads the cache through them; prefill and mixed steps go the general way (attend_cached).
     decode = meta.block_tables is not None
-    if decode and compiled.native is not None and NATIVE_DECODE:
-        return compiled.native.run(x, rope.cos, rope.sin, slots, meta.block_tables,
-                                   meta.context_lens)  # fmt: skip
     ops = kernels.cpu_ops()  # its functions called directly: no wrapper, no lookup a call
     residual = None
     for layer in compiled.layers:
@@ -256,9 +260,14 @@ class LlamaForCausalLM(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, hidden) for N new tokens of the batch in the forward context."""
+        compiled, meta = self.compiled_layers(), get_context()
+        # A step of decodes (block tables set) runs the whole body in C++ where it is bound.
+        native = None if compiled is None or not NATIVE_DECODE else compiled.native
+        if native is not None and meta.block_tables is not None:
+            slots, tables, lens = meta.slot_mapping, meta.block_tables, meta.context_lens
+            return native.forward(input_ids, positions, slots, tables, lens)
         x = self.model.embed_tokens(input_ids)
         rope = Rope(self.rotary_emb, *self.rotary_emb.cos_sin(positions, x.dtype))
-        compiled = self.compiled_layers(x)
         if compiled is not None:
             x, residual = run_compiled(compiled, x, rope)
         else:
@@ -267,22 +276,24 @@ class LlamaForCausalLM(Module):
                 x, residual = layer(x, residual, rope)
         return self.model.norm(x, residual)[0]
 
-    def compiled_layers(self, x: torch.Tensor) -> CompiledLayers | None:
-        """The layers bound for `run_compiled` where this step's x and the caches can take the
-        compiled CPU ops (bound again when the KV cache or the weights change; Qwen3's q/k
-        norms have no fused op)."""
-        first = self.model.layers[0].self_attn
-        takes = kernels.takes_cache(x.dtype, first.k_cache.dtype)
-        if self.config.qk_norm or not takes or not cpu_ops_take(x):
+    def compiled_layers(self) -> CompiledLayers | None:
+        """The layers bound for `run_compiled` (and the body for the C++ decode step) where
+        the activations and the caches can take the compiled CPU ops (bound again when the KV
+        cache, the weights or the rotary table change; Qwen3's q/k norms have no fused op)."""
+        embed, first = self.model.embed_tokens, self.model.layers[0].self_attn
+        dtype = embed.output_dtype()
+        takes = kernels.takes_cache(dtype, first.k_cache.dtype)
+        if self.config.qk_norm or not takes or not embed.takes_cpu_ops():
             return None
         bound = self.__dict__.get("_compiled")
         if (
             bound is None
-            or bound.dtype != x.dtype
+            or bound.dtype != dtype
             or bound.layers[0].k_cache is not first.k_cache
             or bound.layers[0].qkv is not first.qkv_proj.bound_kernel()  # weights set anew since
+            or bound.cos is not self.rotary_emb.cos
         ):
-            bound = CompiledLayers.of(list(self.model.layers), x.dtype)
+            bound = CompiledLayers.of(self, dtype)
             self.__dict__["_compiled"] = bound
         return bound
 

@@ -856,6 +856,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("linear_capsule") = py::capsule(
       reinterpret_cast<void*>(static_cast<thrifty_abi::LinearFn>(&ggml_linear)),
       thrifty_abi::kLinearCapsule);
+  m.attr("rows_capsule") =
+      py::capsule(reinterpret_cast<void*>(static_cast<thrifty_abi::RowsFn>(&ggml_rows)),
+                  thrifty_abi::kRowsCapsule);
   m.attr("gemv_rows") = kGemvRows;
   m.attr("i16_rows") = kI16Rows;
   m.def("ggml_gemv", &ggml_gemv, "y = x @ W^T + b, few rows of x, W read once, quantized");

@@ -1,6 +1,7 @@
 // A linear's kernel as another extension calls it, without Python in between: the GGUF build
-// (ggml_gemv.cpp) exports its row-count dispatch as a capsule holding a LinearFn, and the
-// decode step's layer loop (decode_layers.h, in cpu_ops.cpp) calls it. Both extensions are
+// (ggml_gemv.cpp) exports its row-count dispatch as a capsule holding a LinearFn (and its
+// embedding rows as a RowsFn), and the decode step's loop (decode_layers.h, in cpu_ops.cpp)
+// calls it. Both extensions are
 // built by the same compiler against the same libtorch, so a torch::Tensor crosses as it is.
 #pragma once
 
@@ -17,5 +18,12 @@ using LinearFn = torch::Tensor (*)(const torch::Tensor& x, const torch::Tensor& 
                                    const std::optional<torch::Tensor>& bias, int64_t a, int64_t b);
 
 inline constexpr const char* kLinearCapsule = "thrifty.linear";
+
+// Rows `ids` of a table as the format keeps it, in `dtype`: the token embedding.
+using RowsFn = torch::Tensor (*)(const torch::Tensor& weight, const torch::Tensor& scale,
+                                 const torch::Tensor& ids, int64_t a, int64_t b,
+                                 at::ScalarType dtype);
+
+inline constexpr const char* kRowsCapsule = "thrifty.rows";
 
 }  // namespace thrifty_abi
