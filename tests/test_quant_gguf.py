@@ -24,7 +24,7 @@ from thrifty.config import EngineConfig, ModelConfig
 from thrifty.engine.model_runner import ModelRunner
 from thrifty.kernels import ggml as kernels
 from thrifty.loader.gguf import convert_gguf
-from thrifty.loader.gguf_weights import dequantize_model
+from thrifty.loader.gguf_weights import _merge, dequantize_model
 from thrifty.loader.weights import load_model
 from thrifty.models import llama
 from thrifty.models.attention import build_metadata, forward_context
@@ -73,10 +73,35 @@ def test_repack_dequantizes_to_ggufs_values(qtype):
     assert ggml.format_of(weight, scale) == FORMATS[qtype]
     expected = torch.from_numpy(gguf_dequantize(raw, qtype).reshape(7, 512))
     assert torch.equal(ggml.dequantize(weight, scale), expected)
-    # Bytes per weight stay near the file's: the scales are float32 where the file has float16.
-    file_bits = 8 * raw.nbytes / raw.size * raw.shape[1] / 512
-    ours = 8 * (weight.numel() * weight.element_size() + 4 * scale.numel()) / (7 * 512)
-    assert ours <= 1.55 * file_bits
+    # The file's float16 scales stay float16 (Q4_0's and Q5_0's m as well); a K-quant's d * sc
+    # is float32. Bytes per weight: the file's, or its m besides; a K-quant's half as many again.
+    k_quant = qtype in (T.Q4_K, T.Q6_K)
+    assert scale.dtype == (torch.float32 if k_quant else torch.float16)
+    file_bytes = raw.nbytes
+    ours = weight.numel() * weight.element_size() + scale.numel() * scale.element_size()
+    assert ours <= (1.55 if k_quant else 1.12) * file_bytes
+
+
+def test_an_offset_float16_cannot_hold_keeps_float32():
+    """Q5_0's m = -16 d overflows float16 for d above 4095: both scales are then float32."""
+    raw = _blocks(T.Q5_0, 2, 64, np.random.default_rng(1))
+    blocks = raw.reshape(-1, 22)
+    blocks[0, 0:2] = np.array([5000.0], np.float16).view(np.uint8)
+    weight, scale = ggml.repack(raw, T.Q5_0, (2, 64))
+    assert scale.dtype == torch.float32 and scale[0, 1, 0] == -80000.0
+    expected = torch.from_numpy(gguf_dequantize(raw, T.Q5_0).reshape(2, 64))
+    assert torch.equal(ggml.dequantize(weight, scale), expected)
+
+
+def test_shards_with_float16_and_float32_scales_merge_exactly():
+    """Q5_0 beside Q6_K (q/k beside v, as Qwen's files mix them): both as q8 in groups of 16,
+    the float16 scales widened to float32 for the merged weight."""
+    rng = np.random.default_rng(2)
+    pairs = [ggml.repack(_blocks(t, 4, 256, rng), t, (4, 256)) for t in (T.Q5_0, T.Q6_K)]
+    weight, scale = _merge(pairs)
+    assert ggml.format_of(weight, scale) == ("q8", 16) and scale.dtype == torch.float32
+    want = torch.cat([ggml.dequantize(w, s) for w, s in pairs])
+    assert torch.equal(ggml.dequantize(weight, scale), want)
 
 
 def test_types_without_a_native_format_are_refused():
@@ -85,13 +110,21 @@ def test_types_without_a_native_format_are_refused():
         ggml.format_of(torch.zeros(4, 10, dtype=torch.uint8), torch.zeros(4, 2, 1))
 
 
+def _scales(scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """The repacked scales as the file has them, or widened to float32 (what the AVX-512
+    build reads): the kernels read both."""
+    return scale.float() if kind == "float32" or not kernels.takes_half_scales() else scale
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 5, 17])
-def test_kernels_equal_the_reference(compiled, qtype, dtype, rows):
+@pytest.mark.parametrize("scales", ["file", "float32"])
+def test_kernels_equal_the_reference(compiled, qtype, dtype, rows, scales):
     rng = np.random.default_rng(rows)
     n, k = 37, 768  # a partial tile of output rows; K: an odd number of 256-blocks
     weight, scale = ggml.repack(_blocks(qtype, n, k, rng), qtype, (n, k))
+    scale = _scales(scale, scales)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
@@ -125,11 +158,13 @@ def test_kernels_equal_the_reference(compiled, qtype, dtype, rows):
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
-def test_one_row_of_x_with_partial_blocks(compiled, qtype):
+@pytest.mark.parametrize("scales", ["file", "float32"])
+def test_one_row_of_x_with_partial_blocks(compiled, qtype, scales):
     """The batch-1 GEMV takes output rows 4 at a time and x's group sums 8 groups at a time:
     6 rows (one block and 2 left) by 11 groups (8 and 3 left) meet both tails."""
     n, k = 6, 11 * 32
     weight, scale = ggml.repack(_blocks(qtype, n, k, np.random.default_rng(0)), qtype, (n, k))
+    scale = _scales(scale, scales)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(0))
     want = kernels.reference_gemv(x, weight, scale)
     tol = 2e-5 * float(want.abs().max()) + 1e-6
@@ -140,6 +175,8 @@ def test_one_row_of_x_with_partial_blocks(compiled, qtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_embedding_rows_and_dequantize(compiled, qtype, dtype):
     weight, scale = ggml.repack(_blocks(qtype, 50, 256, np.random.default_rng(3)), qtype, (50, 256))
+    if not kernels.takes_half_scales():
+        scale = scale.float()
     ids = torch.tensor([[3, 49, 0], [3, 7, 12]])
     want = ggml.dequantize(weight, scale)[ids].to(dtype)
     assert torch.equal(kernels.embedding(ids, weight, scale, dtype), want)

@@ -24,11 +24,12 @@ from thrifty.quant import ggml
 
 _FORMATS = {"q4": 0, "q5": 1, "q8": 2}
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-_AVX2 = ("avx2", "fma")
+_AVX2 = ("avx2", "fma", "f16c")
 _FALLBACK = "the torch reference (dequantizes the whole weight on every call)"
 
 # One source, two builds: AVX-512 (with BF16 dot products for bf16 activations) where the CPU
-# has it, else AVX2 + FMA (16 lanes in two registers, csrc/vec16.h): chosen once, at start-up.
+# has it, else AVX2 + FMA (16 lanes in two registers, csrc/vec16.h; F16C widens float16 scales):
+# chosen once, at start-up.
 AVX512_KERNEL = Kernel(
     "thrifty_ggml_gemv",
     CSRC / "ggml_gemv.cpp",
@@ -39,7 +40,7 @@ AVX512_KERNEL = Kernel(
 AVX2_KERNEL = Kernel(
     "thrifty_ggml_gemv_avx2",
     CSRC / "ggml_gemv.cpp",
-    ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+    ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"),
     _FALLBACK,
     lambda: cpu_has(_AVX2),
 )
@@ -67,6 +68,13 @@ def i16_rows() -> int:
     """The most rows of x this CPU's build sends to its int16 GEMM (0: it has none)."""
     ext = _extension()
     return ext.i16_rows if ext is not None else 0
+
+
+def takes_half_scales() -> bool:
+    """Whether this CPU's kernels read float16 scales as they are (the AVX2 build, and the
+    torch reference); the AVX-512 build takes float32 (the loader widens them for it)."""
+    ext = _extension()
+    return ext is None or bool(ext.half_scales)
 
 
 def available() -> bool:
@@ -162,7 +170,7 @@ def reference_gemv(
     y = F.linear((qx * dx).flatten(-2), ggml.dequantize(weight, scale))
     if fmt != "q8":  # the offsets m meet x's own sums, not the rounded x's
         shift = x.float().reshape(qx.shape).sum(-1) - (qx * dx).sum(-1)
-        y = y + F.linear(shift, scale[:, 1])
+        y = y + F.linear(shift, scale[:, 1].float())
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

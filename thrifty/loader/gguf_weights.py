@@ -189,9 +189,13 @@ class GgufWeights:
             loaded[target], self.scales[target] = merged
 
     def attach(self) -> None:
+        from thrifty.kernels import ggml as ggml_kernels  # it imports the models' layers
+
+        half = not self.scales or ggml_kernels.takes_half_scales()
         for target, scale in self.scales.items():
             module = self.modules[target.rpartition(".")[0]]
-            module.weight_scale_inv = scale
+            # The AVX-512 kernels read float32 scales: widened once here, exactly.
+            module.weight_scale_inv = scale if half else scale.float()
             if isinstance(module, Embedding):
                 module.out_dtype = self.dtype
 
@@ -206,7 +210,10 @@ def _merge(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor
         if any(c is None for c in converted):
             return None
         pairs = converted  # type: ignore[assignment]
-    return torch.cat([w for w, _ in pairs]), torch.cat([s for _, s in pairs])
+    scales = [s for _, s in pairs]
+    if len({s.dtype for s in scales}) > 1:  # float16 beside a K-quant's float32: exact
+        scales = [s.float() for s in scales]
+    return torch.cat([w for w, _ in pairs]), torch.cat(scales)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:

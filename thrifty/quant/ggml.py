@@ -4,15 +4,18 @@ llama.cpp's types differ in their bit layouts but all compute w = d * q + m per 
 32 weights along a row. At load each is repacked, exactly, into one of:
 
   q4  uint8 (N, K / 2): per group of 32 weights 16 bytes, byte j holding q_j in its low nibble
-      and q_{j+16} in its high one; scale float32 (N, 2, K / 32) of d and m: w = d * q + m.
+      and q_{j+16} in its high one; scale (N, 2, K / 32) of d and m: w = d * q + m.
       Q4_0 (m = -8 d), Q4_1, and Q4_K's sub-blocks (d * sc and -dmin * min).
   q5  uint8 (N, 20 K / 32): per group the 16 nibble bytes of q4, then 4 bytes (a little-endian
       uint32) whose bit j is bit 4 of q_j; scale as q4. Q5_0 (m = -16 d) and Q5_1.
-  q8  int8 (N, K); scale float32 (N, 1, K / G): w = d * q for groups of G = 32 (Q8_0) or
+  q8  int8 (N, K); scale (N, 1, K / G): w = d * q for groups of G = 32 (Q8_0) or
       16 (Q6_K, whose q - 32 and d * sc are exact).
 
-Scales are float32 because a K-quant's d * sc is not a float16; every product above is exact in
-float32, so `dequantize` equals gguf's own dequantization bit for bit. A weight's format is read
+Scales are float16 where the file's are (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; -8 d and -16 d are exact
+too): the bytes a decode step reads are the file's own, SmolLM2's Q4_1 at 20 per group of 32
+where float32 scales made 24. A K-quant's d * sc is not a float16: its scales are float32.
+Every product above is exact in float32, so `dequantize` equals gguf's own dequantization bit
+for bit. A weight's format is read
 off its dtype and shapes (`format_of`): the scale travels beside the weight, nothing else does.
 """
 
@@ -25,14 +28,18 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K
 
 GROUP = 32  # weights per q4 / q5 group
+SCALE_DTYPES = (torch.float32, torch.float16)
 _Q5_GROUP_BYTES = 20
 
 
 def format_of(weight: torch.Tensor, scale: torch.Tensor) -> tuple[str, int]:
     """(format, group size) of a repacked weight and its scale; ValueError if they do not fit."""
     n, groups = weight.shape[0], scale.shape[-1]
-    if scale.dtype != torch.float32 or scale.dim() != 3 or scale.shape[0] != n or groups == 0:
-        raise ValueError(f"a GGUF scale must be float32 (N, 1 or 2, groups), got {scale.shape}")
+    if scale.dtype not in SCALE_DTYPES or scale.dim() != 3 or scale.shape[0] != n or groups == 0:
+        raise ValueError(
+            f"a GGUF scale must be float32 or float16 (N, 1 or 2, groups), got {scale.dtype} "
+            f"{tuple(scale.shape)}"
+        )
     row = weight.shape[1]
     if weight.dtype == torch.int8 and scale.shape[1] == 1 and row % groups == 0:
         return "q8", row // groups
@@ -58,6 +65,7 @@ def dequantize(
     """The (N, K) matrix d * q + m in float32, rounded once to `dtype`."""
     fmt, group = format_of(weight, scale)
     n, groups = weight.shape[0], scale.shape[-1]
+    scale = scale.float()  # exact from float16
     if fmt == "q8":
         q = weight.view(n, groups, group).float()
         return (q * scale[:, 0, :, None]).reshape(n, -1).to(dtype)
@@ -128,7 +136,7 @@ def repack(
     n, k = shape
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(n, -1)
     weight, scale = fn(blocks, n)
-    return torch.from_numpy(weight), torch.from_numpy(np.ascontiguousarray(scale, np.float32))
+    return torch.from_numpy(weight), torch.from_numpy(np.ascontiguousarray(scale))
 
 
 def native_types() -> tuple[T, ...]:
@@ -136,7 +144,19 @@ def native_types() -> tuple[T, ...]:
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
+    """The float16 scales at bytes `b` (..., 2), in float32 (for the K-quants' products)."""
+    return _half(b).astype(np.float32)
+
+
+def _half(b: np.ndarray) -> np.ndarray:
+    """The float16 scales at bytes `b` (..., 2), as they are."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _offset(d: np.ndarray, k: int) -> np.ndarray:
+    """m = -k d: exact in float16 (k is a power of two) unless it overflows, then float32."""
+    m = -k * d.astype(np.float32)
+    return m.astype(np.float16) if np.abs(m).max(initial=0) <= np.finfo(np.float16).max else m
 
 
 def _rows(q: np.ndarray, n: int) -> np.ndarray:
@@ -146,18 +166,18 @@ def _rows(q: np.ndarray, n: int) -> np.ndarray:
 
 
 def _dm(d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    return np.stack([d, m], axis=1)  # (N, 2, groups)
+    return np.stack([d, m], axis=1)  # (N, 2, groups), float32 if either is
 
 
 def _q4_0(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     b = b.reshape(n, -1, 18)
-    d = _f16(b[..., 0:2])
-    return _rows(b[..., 2:], n), _dm(d, -8 * d)
+    d = _half(b[..., 0:2])
+    return _rows(b[..., 2:], n), _dm(d, _offset(d, 8))
 
 
 def _q4_1(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     b = b.reshape(n, -1, 20)
-    return _rows(b[..., 4:], n), _dm(_f16(b[..., 0:2]), _f16(b[..., 2:4]))
+    return _rows(b[..., 4:], n), _dm(_half(b[..., 0:2]), _half(b[..., 2:4]))
 
 
 def _q5(b: np.ndarray, d: np.ndarray, m: np.ndarray, qh: np.ndarray, qs: np.ndarray):
@@ -167,18 +187,18 @@ def _q5(b: np.ndarray, d: np.ndarray, m: np.ndarray, qh: np.ndarray, qs: np.ndar
 
 def _q5_0(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     b = b.reshape(n, -1, 22)
-    d = _f16(b[..., 0:2])
-    return _q5(b, d, -16 * d, b[..., 2:6], b[..., 6:])
+    d = _half(b[..., 0:2])
+    return _q5(b, d, _offset(d, 16), b[..., 2:6], b[..., 6:])
 
 
 def _q5_1(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     b = b.reshape(n, -1, 24)
-    return _q5(b, _f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:8], b[..., 8:])
+    return _q5(b, _half(b[..., 0:2]), _half(b[..., 2:4]), b[..., 4:8], b[..., 8:])
 
 
 def _q8_0(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     b = b.reshape(n, -1, 34)
-    return _rows(b[..., 2:], n).view(np.int8), _f16(b[..., 0:2])[:, None]
+    return _rows(b[..., 2:], n).view(np.int8), _half(b[..., 0:2])[:, None]
 
 
 def _q4_k(b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

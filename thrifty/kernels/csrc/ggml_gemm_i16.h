@@ -53,7 +53,7 @@ inline void transpose8(__m256* r) {
 // Rows n0 .. n0 + rows of W (rows <= 16; the rest zero) as the panel: int16 (K / 2, 16, 2);
 // their d (and m) transposed to (groups, 16). rowbuf: 16 K int16 of scratch.
 template <Format F, int G>
-void decode_panel(const Layout& L, const uint8_t* w, const float* scale, int64_t n0, int rows,
+void decode_panel(const Layout& L, const uint8_t* w, const void* scale, int64_t n0, int rows,
                   int16_t* rowbuf, int16_t* panel, float* ds, float* ms) {
   for (int r = 0; r < kNR; ++r) {
     int16_t* dst = rowbuf + r * L.K;
@@ -88,11 +88,14 @@ void decode_panel(const Layout& L, const uint8_t* w, const float* scale, int64_t
       for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (p0 + j) * kNR + h * 8, r[j]);
     }
   }
+  float* buf = L.scale_buf(kNR);
+  const float* d[kNR];
+  for (int r = 0; r < kNR; ++r)
+    d[r] = r < rows ? L.d(scale, n0 + r, buf ? buf + r * L.scale_count() : nullptr) : nullptr;
   for (int64_t g = 0; g < L.groups; ++g)
     for (int r = 0; r < kNR; ++r) {
-      const float* d = r < rows ? L.d(scale, n0 + r) : nullptr;
-      ds[g * kNR + r] = d ? d[g] : 0.f;
-      if (F != kQ8) ms[g * kNR + r] = d ? d[L.groups + g] : 0.f;
+      ds[g * kNR + r] = d[r] ? d[r][g] : 0.f;
+      if (F != kQ8) ms[g * kNR + r] = d[r] ? d[r][L.groups + g] : 0.f;
     }
 }
 
@@ -137,7 +140,7 @@ inline void micro_tile(const Layout& L, const int16_t* panel, const float* ds, c
 // y (M, N) = x @ W^T (+ bias) from quantized x (xq, dx, xsum as quantize_x makes them).
 template <Format F, int G, typename T>
 void gemm(const Layout& L, const int16_t* xq, const float* dx, const float* xsum,
-          const uint8_t* w, const float* scale, const T* bias, T* y, int64_t M) {
+          const uint8_t* w, const void* scale, const T* bias, T* y, int64_t M) {
   const int64_t panels = (L.N + kNR - 1) / kNR;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> rowbuf(kNR * L.K), panel(kNR * L.K);

@@ -52,11 +52,47 @@ constexpr int64_t kAhead = KAHEAD;
 // (128 rows took 1.6x the time of 512 here), small enough that every thread gets a panel.
 constexpr int64_t kPanelRows = 512, kMinPanelRows = 64;
 
+// Whether this build takes float16 scales (the legacy types' own, thrifty/quant/ggml.py): the
+// AVX2 build widens them with F16C as it reads them; the AVX-512 build takes float32 only (the
+// loader widens them for it).
+#if defined(__F16C__) && !defined(__AVX512F__)
+constexpr bool kHalfScales = true;
+#else
+constexpr bool kHalfScales = false;
+#endif
+
 struct Layout {
   Format fmt;
   int64_t N, K, G, groups, row_bytes, scale_rows;  // scale_rows: 1 (d) or 2 (d, m) per row
+  bool half;  // scales stored as float16 (kHalfScales builds only)
 
-  const float* d(const float* scale, int64_t n) const { return scale + n * scale_rows * groups; }
+  int64_t scale_count() const { return scale_rows * groups; }
+
+  // Row n's float32 scales (d, then m where the format has it) in a float32 scale tensor.
+  const float* d(const float* scale, int64_t n) const { return scale + n * scale_count(); }
+
+  // Row n's scales as float32: in place, or widened from float16 into buf (scale_count()
+  // floats; unused, and may be null, for float32 scales).
+  const float* d(const void* scale, int64_t n, float* buf) const {
+    if (!half) return d(static_cast<const float*>(scale), n);
+#if defined(__F16C__) && !defined(__AVX512F__)
+    const auto* h = static_cast<const uint16_t*>(scale) + n * scale_count();
+    int64_t i = 0;
+    for (; i + 8 <= scale_count(); i += 8)
+      _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+    for (; i < scale_count(); ++i) buf[i] = _cvtsh_ss(h[i]);
+#endif
+    return buf;
+  }
+
+  // Scratch for `d` where the scales are float16: `rows` rows' worth a thread (null otherwise).
+  float* scale_buf(int rows = 1) const {
+    if (!half) return nullptr;
+    thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>(rows * scale_count());
+    if (buf.size() < need) buf.resize(need);
+    return buf.data();
+  }
 };
 
 // fn(std::integral_constant<int, MB>{}) for the least MB of 1, 2, 4, kMaxMB that holds mb rows:
@@ -221,14 +257,15 @@ inline void row_dot_bf16(const Layout& L, const uint8_t* row, const float* drow,
 #endif  // __AVX512BF16__
 
 template <Format F, int C, typename T>
-void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, const float* scale,
+void gemv(const Layout& L, const float* x, const float* xsum, const uint8_t* w, const void* scale,
           const T* bias, T* y, int64_t M) {
   V::gemv_tiles<kMaxMB>(L.N, L.row_bytes, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
     const uint8_t* row = w + n * L.row_bytes;
     const float* xm = x + m0 * L.K;
     const float* xs = xsum + m0 * L.groups;
+    const float* drow = L.d(scale, n, L.scale_buf());
     with_rows(mb, [&](auto rows) {
-      row_dot<F, C, decltype(rows)::value>(L, row, L.d(scale, n), xm, xs, mb, out);
+      row_dot<F, C, decltype(rows)::value>(L, row, drow, xm, xs, mb, out);
     });
   });
 }
@@ -252,11 +289,12 @@ void gemv_bf16(const Layout& L, const uint16_t* xp, int64_t Kp, const float* xsu
 
 // Rows [n0, n1) of W -> out (n1 - n0, K), rounded once from float32 to T.
 template <Format F, int C, typename T>
-void dequant_rows(const Layout& L, const uint8_t* w, const float* scale, int64_t n0, int64_t n1,
+void dequant_rows(const Layout& L, const uint8_t* w, const void* scale, int64_t n0, int64_t n1,
                   T* out) {
+  float* buf = L.scale_buf();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * L.row_bytes;
-    const float* drow = L.d(scale, n);
+    const float* drow = L.d(scale, n, buf);
     T* o = out + (n - n0) * L.K;
     for (int64_t g = 0; g < L.groups; ++g) {
       const V::f16v d = V::set1(drow[g]);
@@ -269,7 +307,7 @@ void dequant_rows(const Layout& L, const uint8_t* w, const float* scale, int64_t
 }
 
 template <typename T>
-void dequant_any(const Layout& L, const uint8_t* w, const float* scale, int64_t n0, int64_t n1,
+void dequant_any(const Layout& L, const uint8_t* w, const void* scale, int64_t n0, int64_t n1,
                  T* out) {
   switch (L.fmt) {
     case kQ4: return dequant_rows<kQ4, 2>(L, w, scale, n0, n1, out);
@@ -288,12 +326,14 @@ Layout check(const torch::Tensor& weight, const torch::Tensor& scale, int64_t fm
                     "ggml: weight must be a contiguous (N, bytes) int8 (q8) or uint8 matrix");
   TORCH_CHECK_VALUE(G == 32 || (fmt == kQ8 && G == 16), "ggml: bad group size ", G);
   const int64_t scale_rows = fmt == kQ8 ? 1 : 2;
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                        scale.dim() == 3 && scale.size(0) == weight.size(0) &&
-                        scale.size(1) == scale_rows,
-                    "ggml: scale must be contiguous float32 (N, ", scale_rows, ", groups)");
+  const bool half = scale.scalar_type() == at::kHalf;
+  TORCH_CHECK_VALUE((scale.scalar_type() == at::kFloat || (half && kHalfScales)) &&
+                        scale.is_contiguous() && scale.dim() == 3 &&
+                        scale.size(0) == weight.size(0) && scale.size(1) == scale_rows,
+                    "ggml: scale must be contiguous ", kHalfScales ? "float32 or float16" : "float32",
+                    " (N, ", scale_rows, ", groups)");
   Layout L{static_cast<Format>(fmt), weight.size(0), 0, G, scale.size(2), weight.size(1),
-           scale_rows};
+           scale_rows, half};
   L.K = L.groups * G;
   const int64_t bytes = fmt == kQ8 ? L.K : L.groups * (fmt == kQ4 ? 16 : 20);
   TORCH_CHECK_VALUE(bytes == L.row_bytes, "ggml: weight rows of ", L.row_bytes,
@@ -326,7 +366,7 @@ void run_gemv(const Layout& L, const torch::Tensor& xf, const torch::Tensor& xsu
               const torch::Tensor& weight, const torch::Tensor& scale,
               const std::optional<torch::Tensor>& bias, torch::Tensor& y) {
   gemv<F, C, T>(L, xf.data_ptr<float>(), xsum.data_ptr<float>(),
-                reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr<float>(),
+                reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr(),
                 bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
                 reinterpret_cast<T*>(y.data_ptr()), xf.size(0));
 }
@@ -427,22 +467,42 @@ inline __m256i dot_words(__m256i lo, __m256i hi, const int16_t* xq) {
   return _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
 }
 
+// Scales as float32: float32 ones as they are, float16 ones (their bits) widened as read, so
+// that the GEMV reads 2 bytes a scale where the file has 2 (Layout::half).
+inline float scale_at(const float* s, int64_t i) { return s[i]; }
+inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
+inline __m256 load8_scales(const float* s) { return _mm256_loadu_ps(s); }
+inline __m256 load8_scales(const uint16_t* s) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+}
+
+// fn(the scales as const float* or as const uint16_t* (float16 bits)), as the layout says: the
+// kernels below are instantiated for both.
+template <typename Fn>
+inline void with_scales(const Layout& L, const void* scale, Fn&& fn) {
+  if (L.half) {
+    fn(static_cast<const uint16_t*>(scale));
+  } else {
+    fn(static_cast<const float*>(scale));
+  }
+}
+
 // acc + sum_g m_g * xs_g over a row's groups (the offsets m against x's own group sums), 8 groups
 // a step into acc; the last groups % 8 summed into `tail`.
-inline __m256 add_offsets(const float* m, const float* xs, int64_t groups, __m256 acc,
-                          float& tail) {
+template <typename S>
+inline __m256 add_offsets(const S* m, const float* xs, int64_t groups, __m256 acc, float& tail) {
   int64_t h = 0;
   for (; h + 8 <= groups; h += 8)
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(m + h), _mm256_loadu_ps(xs + h), acc);
-  for (; h < groups; ++h) tail += m[h] * xs[h];
+    acc = _mm256_fmadd_ps(load8_scales(m + h), _mm256_loadu_ps(xs + h), acc);
+  for (; h < groups; ++h) tail += scale_at(m, h) * xs[h];
   return acc;
 }
 
 // As row_dot, on quantized x (xq (mb, K); dx and xsum (mb, K / 32)); the 8 lanes go in `lo`.
 // G = 16 is q8 in groups of 16 (Q6_K): each group's 16 words meet 16 values of x, whose dx is
 // that of the group of 32 holding them; one madd instead of the float path's widening to 32 bits.
-template <Format F, int G, int MB>
-inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
+template <Format F, int G, int MB, typename S>
+inline void row_dot_i16(const Layout& L, const uint8_t* row, const S* drow,
                         const int16_t* xq, const float* dx, const float* xsum, int mb,
                         V::f16v* acc) {
   static_assert(G == 32 || F == kQ8, "groups of 16 are q8 only");
@@ -466,7 +526,8 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
           G == 16 ? _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)))
                   : dot_words(lo, hi, xg);
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
-                               _mm256_set1_ps(drow[g] * dx[m * xgroups + g * G / 32]), acc[m]);
+                               _mm256_set1_ps(scale_at(drow, g) * dx[m * xgroups + g * G / 32]),
+                               acc[m]);
     }
   };
   int64_t g = 0;
@@ -488,14 +549,17 @@ inline void row_dot_i16(const Layout& L, const uint8_t* row, const float* drow,
 
 template <Format F, int G, typename T>
 void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* xsum,
-              const uint8_t* w, const float* scale, const T* bias, T* y, int64_t M) {
+              const uint8_t* w, const void* scale, const T* bias, T* y, int64_t M) {
   V::gemv_tiles<kMaxMB>(L.N, L.row_bytes, bias, y, M, [&](int64_t n, int64_t m0, int mb, V::f16v* out) {
     const uint8_t* row = w + n * L.row_bytes;
     const int16_t* xm = xq + m0 * L.K;
     const float* dm = dx + m0 * (L.K / 32);
     const float* xs = xsum + m0 * (L.K / 32);
-    with_rows(mb, [&](auto rows) {
-      row_dot_i16<F, G, decltype(rows)::value>(L, row, L.d(scale, n), xm, dm, xs, mb, out);
+    with_scales(L, scale, [&](const auto* sc) {
+      with_rows(mb, [&](auto rows) {
+        row_dot_i16<F, G, decltype(rows)::value>(L, row, sc + n * L.scale_count(), xm, dm, xs,
+                                                 mb, out);
+      });
     });
   });
 }
@@ -509,19 +573,19 @@ void gemv_i16(const Layout& L, const int16_t* xq, const float* dx, const float* 
 // 2 KB, 4 KB and 16 KB were slower and no prefetch at all 0.3-0.5x (this EPYC's hardware
 // prefetcher alone falls far short). Figures: two builds timed in turns in one process.
 constexpr int64_t kRowsAhead = 8192;
-template <Format F, int G, int R>
-inline void rows_dot_i16(const Layout& L, const uint8_t* w, const float* scale, const int16_t* xq,
+template <Format F, int G, int R, typename S>
+inline void rows_dot_i16(const Layout& L, const uint8_t* w, const S* scale, const int16_t* xq,
                          const float* dx, const float* xsum, int64_t n, float* out) {
   static_assert(G == 32 || F == kQ8, "groups of 16 are q8 only");
   constexpr int64_t kGroupBytes = F == kQ8 ? G : (F == kQ4 ? 16 : 20);
   // The R rows are adjacent in W: one stream, prefetched kRowsAhead bytes ahead of the group
   // being read, R groups' bytes an iteration.
   const uint8_t* row[R];
-  const float* d[R];
+  const S* d[R];
   __m256 acc[R];
   for (int r = 0; r < R; ++r) {
     row[r] = w + (n + r) * L.row_bytes;
-    d[r] = L.d(scale, n + r);
+    d[r] = scale + (n + r) * L.scale_count();
     acc[r] = _mm256_setzero_ps();
   }
   for (int64_t g = 0; g < L.groups; ++g) {
@@ -544,7 +608,8 @@ inline void rows_dot_i16(const Layout& L, const uint8_t* w, const float* scale, 
         group_words<F>(row[r], g, lo, hi);
         s = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d[r][g] * dxg), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale_at(d[r], g) * dxg),
+                               acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -558,24 +623,26 @@ inline void rows_dot_i16(const Layout& L, const uint8_t* w, const float* scale, 
 
 template <Format F, int G, typename T>
 void gemv1_i16(const Layout& L, const int16_t* xq, const float* dx, const float* xsum,
-               const uint8_t* w, const float* scale, const T* bias, T* y) {
+               const uint8_t* w, const void* scale, const T* bias, T* y) {
   constexpr int R = 4;
   const int64_t blocks = (L.N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (R * L.row_bytes));  // ~16 KB a task
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * R;
-      const int rows = static_cast<int>(std::min<int64_t>(R, L.N - n));
-      float sums[R];
-      if (rows == R) {
-        rows_dot_i16<F, G, R>(L, w, scale, xq, dx, xsum, n, sums);
-      } else {
-        for (int r = 0; r < rows; ++r) rows_dot_i16<F, G, 1>(L, w, scale, xq, dx, xsum, n + r, sums + r);
+  with_scales(L, scale, [&](const auto* sc) {
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * R;
+        const int rows = static_cast<int>(std::min<int64_t>(R, L.N - n));
+        float sums[R];
+        if (rows == R) {
+          rows_dot_i16<F, G, R>(L, w, sc, xq, dx, xsum, n, sums);
+        } else {
+          for (int r = 0; r < rows; ++r) rows_dot_i16<F, G, 1>(L, w, sc, xq, dx, xsum, n + r, sums + r);
+        }
+        for (int r = 0; r < rows; ++r) {
+          y[n + r] = static_cast<T>(bias ? sums[r] + to_float(bias[n + r]) : sums[r]);
+        }
       }
-      for (int r = 0; r < rows; ++r) {
-        y[n + r] = static_cast<T>(bias ? sums[r] + to_float(bias[n + r]) : sums[r]);
-      }
-    }
+    });
   });
 }
 
@@ -689,7 +756,7 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
 #endif
 #if !defined(__AVX512F__)
   if (G == 32 || L.K % 32 == 0) {  // integer dot products on x rounded to int16 (quantize_x)
-    auto sc = scale.data_ptr<float>();
+    const void* sc = scale.data_ptr();
     on_int16_x(L, x2, bias, y, fmt, G,
                [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
                    auto* yp) {
@@ -730,7 +797,7 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
 template <typename T>
 void dequant_into(const Layout& L, const torch::Tensor& weight, const torch::Tensor& scale,
                   int64_t n0, int64_t n1, torch::Tensor& out) {
-  dequant_any<T>(L, reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr<float>(),
+  dequant_any<T>(L, reinterpret_cast<const uint8_t*>(weight.data_ptr()), scale.data_ptr(),
                  n0, n1, reinterpret_cast<T*>(out.data_ptr()));
 }
 
@@ -769,7 +836,7 @@ torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
   torch::Tensor y = torch::empty({M, L.N}, x.options());
   if (M == 0 || L.N == 0) return shaped(y, x);
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
-  auto sc = scale.data_ptr<float>();
+  const void* sc = scale.data_ptr();
   on_int16_x(L, x2, bias, y, fmt, G,
              [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
                  auto* yp) {
@@ -860,6 +927,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::capsule(reinterpret_cast<void*>(static_cast<thrifty_abi::RowsFn>(&ggml_rows)),
                   thrifty_abi::kRowsCapsule);
   m.attr("gemv_rows") = kGemvRows;
+  m.attr("half_scales") = kHalfScales;
   m.attr("i16_rows") = kI16Rows;
   m.def("ggml_gemv", &ggml_gemv, "y = x @ W^T + b, few rows of x, W read once, quantized");
   m.def("ggml_gemm", &ggml_gemm, "y = x @ W^T + b, a dequantized panel of W at a time");
