@@ -160,13 +160,8 @@ class Embedding(Module):
         return self.out_dtype or self.weight.dtype
 
     def takes_cpu_ops(self) -> bool:
-        """Whether the activations this table starts can take the compiled CPU ops
-        (`cpu_ops_take`)."""
-        return (
-            self.weight.is_cpu
-            and self.output_dtype() in (torch.float32, torch.bfloat16)
-            and kernels.cpu_ops_available()
-        )
+        """Whether the activations this table starts can take the compiled CPU ops."""
+        return cpu_ops_take_on(self.weight.is_cpu, self.output_dtype())
 
     def native_rows(self) -> tuple | None:
         """The table as the compiled decode step reads its rows: (capsule, weight, scale, a, b)
@@ -234,11 +229,13 @@ class RMSNorm(Module):
 def cpu_ops_take(x: torch.Tensor) -> bool:
     """Whether the compiled CPU ops (csrc/cpu_ops.cpp: norms, rope, SiLU, the KV store and
     decode attention) take x: float32 or bfloat16 on the CPU, with the ops built."""
-    return (
-        x.is_cpu  # not x.device.type: that builds a device object, 0.5 us a call
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and kernels.cpu_ops_available()
-    )
+    # x.is_cpu, not x.device.type: that builds a device object, 0.5 us a call
+    return cpu_ops_take_on(x.is_cpu, x.dtype)
+
+
+def cpu_ops_take_on(is_cpu: bool, dtype: torch.dtype) -> bool:
+    """`cpu_ops_take` for activations of `dtype`, on the CPU or not."""
+    return is_cpu and dtype in (torch.float32, torch.bfloat16) and kernels.cpu_ops_available()
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

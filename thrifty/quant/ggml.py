@@ -15,8 +15,8 @@ Scales are float16 where the file's are (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; -8 d and 
 too): the bytes a decode step reads are the file's own, SmolLM2's Q4_1 at 20 per group of 32
 where float32 scales made 24. A K-quant's d * sc is not a float16: its scales are float32.
 Every product above is exact in float32, so `dequantize` equals gguf's own dequantization bit
-for bit. A weight's format is read
-off its dtype and shapes (`format_of`): the scale travels beside the weight, nothing else does.
+for bit. A weight's format is read off its dtype and shapes (`format_of`): the scale travels
+beside the weight, nothing else does.
 """
 
 from __future__ import annotations

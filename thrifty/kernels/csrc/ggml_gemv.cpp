@@ -56,6 +56,7 @@ constexpr int64_t kPanelRows = 512, kMinPanelRows = 64;
 // AVX2 build widens them with F16C as it reads them; the AVX-512 build takes float32 only (the
 // loader widens them for it).
 #if defined(__F16C__) && !defined(__AVX512F__)
+#define THRIFTY_HALF_SCALES 1
 constexpr bool kHalfScales = true;
 #else
 constexpr bool kHalfScales = false;
@@ -75,7 +76,7 @@ struct Layout {
   // floats; unused, and may be null, for float32 scales).
   const float* d(const void* scale, int64_t n, float* buf) const {
     if (!half) return d(static_cast<const float*>(scale), n);
-#if defined(__F16C__) && !defined(__AVX512F__)
+#if defined(THRIFTY_HALF_SCALES)
     const auto* h = static_cast<const uint16_t*>(scale) + n * scale_count();
     int64_t i = 0;
     for (; i + 8 <= scale_count(); i += 8)
