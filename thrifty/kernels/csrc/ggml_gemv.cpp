@@ -628,10 +628,20 @@ void gemv1_i16(const Layout& L, const int16_t* xq, const float* dx, const float*
   constexpr int R = 4;
   const int64_t blocks = (L.N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (R * L.row_bytes));  // ~16 KB a task
+  // The scales are a second stream. Float32 ones (the K-quants': a quarter to a third of the
+  // bytes) are prefetched as far ahead in rows as the weights: 1.07-1.22x on Qwen's ffn_down
+  // (Q6_K, Q4_K) from memory. Float16 ones are not: no faster, or slightly slower.
+  const int64_t scale_bytes = R * L.scale_count() * 4;
+  const bool prefetch_scales = !L.half;
+  const int64_t rows_ahead = kRowsAhead / L.row_bytes;
   with_scales(L, scale, [&](const auto* sc) {
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b * R;
+        if (prefetch_scales && n + rows_ahead < L.N) {
+          const auto* ahead = reinterpret_cast<const char*>(sc + (n + rows_ahead) * L.scale_count());
+          for (int64_t j = 0; j < scale_bytes; j += 64) _mm_prefetch(ahead + j, _MM_HINT_T0);
+        }
         const int rows = static_cast<int>(std::min<int64_t>(R, L.N - n));
         float sums[R];
         if (rows == R) {
