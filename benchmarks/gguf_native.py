@@ -2,7 +2,8 @@
 
 Decode (default): batch-1 decode tokens/s of SmolLM2-135M (Q4_1, Q8_0 embedding and tied head)
 and Qwen2.5-Coder-0.5B (Q5_0 / Q8_0 / Q4_K / Q6_K), each variant in its own process (so load
-time and resident memory are its own), rounds interleaved, medians over rounds:
+time and resident memory are its own), rounds interleaved (each round starting with the next
+variant), medians over rounds:
 - native: the GGUF's weights repacked at load and run by csrc/ggml_gemv.cpp;
 - bf16: the same model with every quantized weight dequantized to bf16 and packed, as thrifty
   ran GGUF models before (from a float32 safetensors copy);
@@ -152,7 +153,9 @@ def decode(args: argparse.Namespace) -> None:
     results: dict[str, list[dict]] = {}
     for r in range(args.rounds):
         for key in args.models.split(","):
-            for v in variants:
+            # Each round starts with another engine: a fixed order would give one of them the
+            # same place in the machine's swings every round.
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
                 if v == "llama.cpp":
                     res = run_llama_cpp(args.llama_cpp_python, MODELS[key], args.tokens)
                 else:
