@@ -24,7 +24,7 @@ def main() -> None:
     print("| dtype | context | threads | us per call |")
     print("|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        for length in (64, 200, 1000):
+        for length in (64, 200, 1000, 2000):
             blocks = length // BLOCK + 2
             k_cache = torch.randn(blocks + 1, BLOCK, HKV, D).to(dtype)
             v_cache = torch.randn_like(k_cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,6 +50,46 @@ def test_matches_reference(batch, kv_heads, group, head_dim, block_size, dtypes,
     )
     assert got.dtype == dtype == want.dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def _attention_case(lens, kv_heads, group, head_dim, block_size, dtypes, seed):
+    dtype, cache_dtype = dtypes
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in lens)
+    num_blocks = len(lens) * max_blocks + 1
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(cache_dtype)
+    v_cache = torch.randn(shape, generator=g).to(cache_dtype)
+    q = torch.randn(len(lens), kv_heads * group, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1
+    tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    return q, k_cache, v_cache, tables, torch.tensor(lens), head_dim**-0.5
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "lens, kv_heads",
+    [([300], 3), ([257], 1), ([1200], 1), ([1, 700, 600], 1), ([700, 2], 3)],
+)
+@pytest.mark.parametrize("dtypes", KV_PAIRS)
+def test_long_contexts_split_over_the_threads_match_the_reference(lens, kv_heads, threads, dtypes):
+    # Fewer (sequence, kv head) tasks than 4 a thread that the threads do not divide: each
+    # context is cut into a part per thread and the parts' softmaxes merged (csrc/cpu_ops.cpp
+    # context_parts, on AVX2). The 1-token sequence leaves one of its parts empty.
+    q, k_cache, v_cache, tables, context_lens, scale = _attention_case(
+        lens, kv_heads, 2, 64, 16, dtypes, seed=sum(lens) + kv_heads
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
+    finally:
+        torch.set_num_threads(before)
+    want = kernels.reference_paged_decode_attention(
+        q, k_cache, v_cache, tables, context_lens, scale
+    )
+    tol = 1e-5 if dtypes[0] == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
