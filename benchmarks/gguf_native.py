@@ -171,12 +171,19 @@ def decode(args: argparse.Namespace) -> None:
                     f"(load average {res['load_average']:.1f})",
                     flush=True,
                 )
-    print()
-    print(
-        "| model | weights | decode b=1 tok/s | MiB read per token | model MiB | load s "
-        "| RSS after load MiB |"
+    from throughput import git_revision, machine
+
+    where = machine()
+    header = (
+        f"{where['cpu']} ({', '.join(where['features'])}), {THREADS} threads, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, thrifty {git_revision()}; "
+        f"{args.rounds} rounds, {args.tokens} greedy tokens, medians:"
     )
-    print("|---|---|---|---|---|---|---|")
+    table = [
+        "| model | weights | decode b=1 tok/s | MiB read per token | model MiB | load s "
+        "| RSS after load MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = []
     for name, runs in results.items():
         row = {
@@ -191,12 +198,20 @@ def decode(args: argparse.Namespace) -> None:
         }
         rows.append(row)
         model, variant = name.split(" ", 1)
-        print(
+        table.append(
             f"| {model} | {variant} | {row['decode_tok_s']:.1f} | {row['mib_per_token']:.0f} | "
             f"{row['model_mib']:.0f} | {row['load_s']:.1f} | {row['rss_mib']:.0f} |"
         )
+    rounds = ["", "Per round, tok/s (each round started with the next engine):", ""]
+    rounds += [f"- {row['name']}: {', '.join(f'{x:.1f}' for x in row['decode_tok_s_runs'])}"
+               for row in rows]  # fmt: skip
+    report = "\n".join([header, "", *table, *rounds]) + "\n"
+    print("\n" + report, end="")
     if args.json:
+        args.json.with_suffix(".md").write_text(report)
         meta = {
+            "machine": where,
+            "revision": git_revision(),
             "threads": THREADS,
             "tokens": args.tokens,
             "rounds": args.rounds,
