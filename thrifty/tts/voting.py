@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import comb
 
-import numpy as np
-
 from thrifty.errors import ThriftyError
 from thrifty.tts.equivalence import equivalent
 from thrifty.tts.extract import canonical, to_number
@@ -61,6 +59,8 @@ def beta_confidence(top: int, second: int) -> float:
 def dirichlet_confidence(counts: list[int], samples: int = 4000, seed: int = 0) -> float:
     """P(the leading answer's share is the largest) under Dirichlet(counts + 1), Monte Carlo
     with a fixed seed so that the same counts always give the same decision."""
+    import numpy as np  # here, not at import: the command line imports this module for its names
+
     if len(counts) < 2:
         counts = [*counts, 0][:2] if counts else [0, 0]
     alpha = np.asarray(counts, dtype=np.float64) + 1
@@ -90,6 +90,8 @@ def predictive_confidence(
         return 0.0
     if remaining <= 0:
         return 1.0
+    import numpy as np
+
     # only the order in which the answers first appeared matters (it breaks ties), so states
     # that differ in nothing else share one cached estimate
     ranks = np.argsort(np.argsort([v.first for v in votes]))
@@ -114,6 +116,8 @@ def _predictive(
     samples: int,
     seed: int,
 ) -> float:
+    import numpy as np
+
     m = len(counts_seen)
     width = m + 1 + remaining  # the answers seen, the abstentions, and room for new answers
     counts = np.zeros((samples, width))
