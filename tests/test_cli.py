@@ -309,3 +309,14 @@ def test_chat_on_a_terminal_takes_a_pasted_block_as_one_message():
     # One message: nothing was answered between the paste's two lines.
     between = out.rpartition(b"2+2?")[0].rpartition(b"What is")[2].decode(errors="replace")
     assert not re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", between).strip(), between
+
+
+def test_keep_alive_durations_parse_to_seconds():
+    import argparse
+
+    from thrifty.cli import _duration
+
+    assert [_duration(t) for t in ("90", "90s", "5m", "1.5h", "0")] == [90, 90, 300, 5400, 0]
+    for text in ("5 minutes", "-1", "m", "inf", "nan", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _duration(text)

@@ -278,6 +278,48 @@ def test_thrifty_run_answers_through_the_local_server(url, client, monkeypatch):
     assert out.returncode == 1 and "imported torch" in out.stderr, out.stderr
 
 
+def test_run_keep_alive_leaves_a_server_that_later_runs_use_until_it_idles(smollm2_gguf):
+    # `run --keep-alive`: with no server at $THRIFTY_LOCAL_URL, run starts `thrifty serve` there
+    # in the background and answers through it (never importing torch itself); the next run
+    # finds it and loads nothing; once DURATION passes without a request the server exits.
+    url = f"http://127.0.0.1:{free_port()}"
+    log = hub.home() / f"serve-{url.rsplit(':', 1)[1]}.log"
+    local = {"THRIFTY_LOCAL_URL": url}
+    ask = ["--temperature", "0", "--max-tokens", "16", PARIS[0]["content"]]
+    try:
+        first = _thrifty("run", "--keep-alive", "4s", *ask, env_added=local)
+        assert first.returncode == 0, first.stderr
+        assert f"starting a server for {MODEL} at {url}" in first.stderr, first.stderr
+        want = (
+            openai_client(url)
+            .chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=16)
+            .choices[0]
+            .message.content
+        )
+        assert first.stdout.strip() == want.strip()
+        second = _thrifty("run", *ask, env_added=local)
+        assert second.returncode == 0 and "starting" not in second.stderr, second.stderr
+        assert second.stdout == first.stdout
+        deadline = time.monotonic() + 60
+        while _up(url):
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        assert "no request for 4 s, stopping" in log.read_text()
+    finally:  # a server left up by a failure above stops itself 4 s after its last request
+        log.unlink(missing_ok=True)
+    # A duration that is not one: one line, exit 1, before any server starts.
+    out = _thrifty("run", "hi", env_added={**local, "THRIFTY_KEEP_ALIVE": "5 minutes"})
+    assert out.returncode == 1 and "$THRIFTY_KEEP_ALIVE: expected a duration" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_completions_full_and_streamed(client, tokenizer):
     prompt = "The capital of France is"
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)

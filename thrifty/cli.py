@@ -33,6 +33,21 @@ def _int_in(low: int, high: int | None, what: str):
 
 _port = _int_in(0, 65535, "0 to 65535")
 _positive = _int_in(1, None, "positive")
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _duration(text: str) -> float:
+    """An argparse type: seconds from 90, 90s, 5m or 1.5h (0: off)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 90s, 5m or 1h, got {text!r}"
+        ) from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -115,6 +130,15 @@ def _add_local_server_flags(p: argparse.ArgumentParser) -> None:
         help="load the model here even where a thrifty serve on this machine has it loaded (at"
         " $THRIFTY_LOCAL_URL, default http://127.0.0.1:8000), which otherwise answers",
     )
+    p.add_argument(
+        "--keep-alive",
+        type=_duration,
+        metavar="DURATION",
+        help="where no thrifty serve on this machine has the model, start one in the background"
+        " (at $THRIFTY_LOCAL_URL) that keeps it loaded until DURATION (90s, 5m, 1h) passes"
+        " without a request, and answer through it: later runs and chats skip loading torch"
+        " and the model (default: $THRIFTY_KEEP_ALIVE, else 0: load it here)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="registry name, local path or hub id")
     p.add_argument("--served-model-name", help="the model id clients use (default: its name)")
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.add_argument(
+        "--keep-alive",
+        type=_duration,
+        metavar="DURATION",
+        help="stop once DURATION (90s, 5m, 1h) passes with no request (default: serve until"
+        " stopped)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument(
@@ -403,7 +434,56 @@ def _serving(args: argparse.Namespace, model: str | None) -> Any:
     name = model or hub.DEFAULT_MODEL
     if Path(name).exists():
         return None
-    return local_server(name, args.api_key)
+    server = local_server(name, args.api_key)
+    keep_alive = _keep_alive(args)
+    if server is None and keep_alive:
+        server = _start_local_server(name, args.api_key, keep_alive)
+    return server
+
+
+def _keep_alive(args: argparse.Namespace) -> float:
+    """--keep-alive, else $THRIFTY_KEEP_ALIVE, in seconds (0: off)."""
+    if args.keep_alive is not None:
+        return args.keep_alive
+    try:
+        return _duration(os.environ.get("THRIFTY_KEEP_ALIVE") or "0")
+    except argparse.ArgumentTypeError as e:
+        raise ThriftyError(f"$THRIFTY_KEEP_ALIVE: {e}") from None
+
+
+def _start_local_server(name: str, api_key: str | None, keep_alive_s: float) -> Any:
+    """`--keep-alive`: a `thrifty serve` of `name` started in the background at the local
+    address, once it answers (a client.Server); None where it cannot start there (the address
+    taken, the model failing to load), said in one line."""
+    import subprocess
+    import time
+    import urllib.parse
+
+    from thrifty import hub
+    from thrifty.client import LOCAL_URL, LOCAL_URL_ENV, local_server
+
+    url = urllib.parse.urlsplit(os.environ.get(LOCAL_URL_ENV) or LOCAL_URL)
+    log = hub.home() / f"serve-{url.port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "thrifty", "serve", name, "--host", url.hostname or "127.0.0.1",
+           "--port", str(url.port or 80), "--keep-alive", str(keep_alive_s)]  # fmt: skip
+    env = dict(os.environ, **({"THRIFTY_API_KEY": api_key} if api_key else {}))  # not in argv
+    print(f"thrifty: starting a server for {name} at {url.geturl()}, kept for {keep_alive_s:g} s"
+          f" after each request (log: {log})", file=sys.stderr, flush=True)  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                start_new_session=True)  # fmt: skip
+    while proc.poll() is None:
+        server = local_server(name, api_key)
+        if server is not None:
+            return server
+        time.sleep(0.1)
+    server = local_server(name, api_key)  # another run's server took the address first
+    if server is None:
+        lines = log.read_text(errors="replace").strip().splitlines()
+        print(f"thrifty: the server did not start ({lines[-1] if lines else 'no output'}):"
+              " loading the model here", file=sys.stderr, flush=True)  # fmt: skip
+    return server
 
 
 def _run_on_server(
@@ -550,6 +630,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model_name=args.served_model_name or (Path(name).name if Path(name).exists() else name),
         api_key=args.api_key or None,
         access_log=not args.no_access_log,
+        keep_alive_s=args.keep_alive or None,
         **given("max_n", "max_queued_requests", "max_body_bytes", "allowed_origins"),
     )
     if ranks.is_follower():  # under torchrun: rank 0 serves, this rank runs its steps

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -369,6 +370,33 @@ class AccessLog:
                   f" {time.monotonic() - t0:.3f} s", flush=True)  # fmt: skip
 
 
+class Activity:
+    """ASGI middleware: HTTP requests in flight and when the last one ended, for --keep-alive
+    (a stream counts until its last byte; a monitor's /health and /metrics do not count)."""
+
+    PROBES = ("/health", "/metrics")
+
+    def __init__(self, app: Callable):
+        self.app = app
+        self.in_flight = 0
+        self.last = time.monotonic()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.PROBES:
+            await self.app(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.last = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds since the last request ended; 0 while one runs."""
+        return 0.0 if self.in_flight else time.monotonic() - self.last
+
+
 def check_address(host: str, port: int) -> None:
     """Fail before loading a model if the address cannot be served on."""
     try:
@@ -399,9 +427,23 @@ def serve(load: Callable[[], LLMEngine], config: ServerConfig, host: str, port: 
         print(f"thrifty: warning: {host} is reachable from other machines and no --api-key is"
               " set: anyone who can reach it can use it", file=sys.stderr)  # fmt: skip
     print(f"thrifty: serving {config.model_name} on http://{host}:{port}", flush=True)
+    activity = Activity(app)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            activity, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
+        )
     )
+    if config.keep_alive_s is not None:
+
+        def stop_when_idle() -> None:
+            while not server.should_exit:
+                time.sleep(min(0.5, config.keep_alive_s))
+                if activity.idle_s() >= config.keep_alive_s:
+                    print(f"thrifty: no request for {config.keep_alive_s:g} s, stopping",
+                          flush=True)  # fmt: skip
+                    server.should_exit = True
+
+        threading.Thread(target=stop_when_idle, name="keep-alive", daemon=True).start()
     handle_exit = server.handle_exit
 
     def on_signal(sig: int, frame: Any) -> None:  # Ctrl-C: end open streams, then stop

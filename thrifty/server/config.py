@@ -14,3 +14,4 @@ class ServerConfig:
     max_queued_requests: int = 256  # completions waiting for their first token; 429 above this
     allowed_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS)
     access_log: bool = True  # one line per request on stdout
+    keep_alive_s: float | None = None  # stop after this long with no request; None: never
