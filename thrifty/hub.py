@@ -19,12 +19,13 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, BinaryIO
 
 from thrifty.errors import ThriftyError
 from thrifty.files import present
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # Bump when thrifty.loader.gguf.convert_gguf changes what it writes: old converted dirs are ignored
 # (and removed when their GGUF file is converted again). 2: weights read from the GGUF itself.
@@ -136,6 +137,8 @@ def _fetch(entry: RegistryModel, dest: Path, *, progress: bool) -> None:
     # half-written model under the real name.
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
+    from tqdm import tqdm  # here: `thrifty run` through a server imports this module for names
+
     digest = hashlib.sha256()
     bar = tqdm(
         total=entry.size_bytes,
