@@ -173,10 +173,10 @@ def decode(args: argparse.Namespace) -> None:
                 )
     from throughput import git_revision, machine
 
-    where = machine()
+    where, revision = machine(), git_revision()
     header = (
         f"{where['cpu']} ({', '.join(where['features'])}), {THREADS} threads, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, thrifty {git_revision()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, thrifty {revision}; "
         f"{args.rounds} rounds, {args.tokens} greedy tokens, medians:"
     )
     table = [
@@ -211,7 +211,7 @@ def decode(args: argparse.Namespace) -> None:
         args.json.with_suffix(".md").write_text(report)
         meta = {
             "machine": where,
-            "revision": git_revision(),
+            "revision": revision,
             "threads": THREADS,
             "tokens": args.tokens,
             "rounds": args.rounds,

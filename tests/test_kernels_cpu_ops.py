@@ -29,31 +29,23 @@ def test_kernel_builds_here():
     data=st.data(),
 )
 def test_matches_reference(batch, kv_heads, group, head_dim, block_size, dtypes, data):
-    dtype, cache_dtype = dtypes
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    seed = data.draw(st.integers(0, 2**16))
     # Up to 100 tokens: several of the kernels' 8-token key and 32-token value passes, and tails.
     lens = [data.draw(st.integers(1, 100)) for _ in range(batch)]
-    max_blocks = max(-(-n // block_size) for n in lens)
-    num_blocks = batch * max_blocks + 1
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=g).to(cache_dtype)
-    v_cache = torch.randn(shape, generator=g).to(cache_dtype)
-    q = torch.randn(batch, kv_heads * group, head_dim, generator=g).to(dtype)
-    # Each sequence gets its own scattered blocks (block 0 stays unused, as in the engine).
-    perm = torch.randperm(num_blocks - 1, generator=g) + 1
-    tables = perm[: batch * max_blocks].view(batch, max_blocks)
-    context_lens = torch.tensor(lens)
-    scale = head_dim**-0.5
+    q, k_cache, v_cache, tables, context_lens, scale = _attention_case(
+        lens, kv_heads, group, head_dim, block_size, dtypes, seed
+    )
     got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
     want = kernels.reference_paged_decode_attention(
         q, k_cache, v_cache, tables, context_lens, scale
     )
-    assert got.dtype == dtype == want.dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtypes[0] == want.dtype
+    tol = 1e-5 if dtypes[0] == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 def _attention_case(lens, kv_heads, group, head_dim, block_size, dtypes, seed):
+    """q, the caches, block tables, context lengths and scale of sequences of `lens` tokens."""
     dtype, cache_dtype = dtypes
     g = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-n // block_size) for n in lens)
@@ -62,6 +54,7 @@ def _attention_case(lens, kv_heads, group, head_dim, block_size, dtypes, seed):
     k_cache = torch.randn(shape, generator=g).to(cache_dtype)
     v_cache = torch.randn(shape, generator=g).to(cache_dtype)
     q = torch.randn(len(lens), kv_heads * group, head_dim, generator=g).to(dtype)
+    # Each sequence gets its own scattered blocks (block 0 stays unused, as in the engine).
     perm = torch.randperm(num_blocks - 1, generator=g) + 1
     tables = perm[: len(lens) * max_blocks].view(len(lens), max_blocks)
     return q, k_cache, v_cache, tables, torch.tensor(lens), head_dim**-0.5

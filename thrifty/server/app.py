@@ -427,13 +427,14 @@ def serve(load: Callable[[], LLMEngine], config: ServerConfig, host: str, port: 
         print(f"thrifty: warning: {host} is reachable from other machines and no --api-key is"
               " set: anyone who can reach it can use it", file=sys.stderr)  # fmt: skip
     print(f"thrifty: serving {config.model_name} on http://{host}:{port}", flush=True)
-    activity = Activity(app)
+    # Requests are counted only where --keep-alive needs it.
+    activity = Activity(app) if config.keep_alive_s is not None else None
     server = uvicorn.Server(
         uvicorn.Config(
-            activity, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
+            activity or app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
         )
     )
-    if config.keep_alive_s is not None:
+    if activity is not None:
 
         def stop_when_idle() -> None:
             while not server.should_exit:

@@ -401,10 +401,11 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
   // Tasks are (sequence, kv head, part of the context); with one part a task writes its heads'
   // output, with more each part keeps its own (res, max, sum) for merge_parts.
   const int64_t P = context_parts(B, Hkv, lens);
-  std::vector<float> parts(P > 1 ? B * Hkv * P * G * (D + 2) : 0);
+  const int64_t kept = P > 1 ? B * Hkv * P : 0;  // tasks whose (res, max, sum) merge_parts reads
+  std::vector<float> parts(kept * G * (D + 2));
   float* part_res = parts.data();
-  float* part_max = part_res + (P > 1 ? B * Hkv * P * G * D : 0);
-  float* part_sum = part_max + (P > 1 ? B * Hkv * P * G : 0);
+  float* part_max = part_res + kept * G * D;
+  float* part_sum = part_max + kept * G;
   const int64_t grain = std::max<int64_t>(1, attention_grain(B, lens, G, D) * P);
   at::parallel_for(0, B * Hkv * P, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), res(G * D), max(G), sum(G), scores;
@@ -417,20 +418,21 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
+      // One part: this thread's scratch, copied out below; more: the task's slot in `parts`.
+      float* r = P == 1 ? res.data() : part_res + task * G * D;
+      float* m = P == 1 ? max.data() : part_max + task * G;
+      float* z = P == 1 ? sum.data() : part_sum + task * G;
       const int64_t len = last - first;
-      if (P == 1) {
-        scores.resize(G * ((len + 7) / 8 * 8));
-        attend_task8<R, C>(qf.data(), k.data(), v.data(), len, G, scores.data(), max.data(),
-                           sum.data(), res.data());
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < D; ++d) out[(b * H + kvh * G + g) * D + d] = static_cast<T>(res[g * D + d]);
-      } else if (len == 0) {
-        std::fill_n(part_sum + task * G, G, 0.f);
-      } else {
-        scores.resize(G * ((len + 7) / 8 * 8));
-        attend_task8<R, C>(qf.data(), k.data() + first, v.data() + first, len, G, scores.data(),
-                           part_max + task * G, part_sum + task * G, part_res + task * G * D);
+      if (P > 1 && len == 0) {  // an empty part (a context shorter than P): weight 0 in merge_parts
+        std::fill_n(z, G, 0.f);
+        continue;
       }
+      scores.resize(G * ((len + 7) / 8 * 8));
+      attend_task8<R, C>(qf.data(), k.data() + first, v.data() + first, len, G, scores.data(), m,
+                         z, r);
+      if (P == 1)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d) out[(b * H + kvh * G + g) * D + d] = static_cast<T>(r[g * D + d]);
     }
   });
   if (P == 1) return;
