@@ -8,6 +8,8 @@ fails in well under a second.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,37 @@ def test_prepare_says_what_each_kernel_runs_on(tmp_path, monkeypatch, caplog):
     # A failed build is a fault, warned; a kernel this CPU cannot run is a choice (an AVX2-only
     # CPU skips the AVX-512 ones on every start), logged as information and named in the line.
     assert levels == {"thrifty_broken": logging.WARNING, "thrifty_avx9": logging.INFO}
+
+
+TINY = """#include <Python.h>
+static PyModuleDef def_ = {PyModuleDef_HEAD_INIT, "thrifty_tiny", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit_thrifty_tiny() { return PyModule_Create(&def_); }
+"""
+
+LOAD_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+from thrifty.kernels.build import Kernel
+module = Kernel("thrifty_tiny", Path(sys.argv[1]), (), "-").load()
+print(module.__name__, "torch.utils.cpp_extension" in sys.modules)
+"""
+
+
+def test_a_built_kernel_is_imported_as_it_is_and_a_damaged_one_rebuilt(tmp_path, extensions_dir):
+    # Starting a process should not pay for torch's loader (setuptools, a ninja run per kernel)
+    # when the build directory, keyed by everything the build depends on, already holds it.
+    src = source(tmp_path / "tiny.cpp", TINY)
+    assert Kernel("thrifty_tiny", src, (), "-").load() is not None  # built through torch
+    built = build_dir("thrifty_tiny", src, ()) / "thrifty_tiny.so"
+
+    def fresh_load() -> str:
+        proc = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(src)],
+                              capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+        return proc.stdout.strip()
+
+    assert fresh_load() == "thrifty_tiny False"
+    head = built.read_bytes()[:100]
+    built.unlink()  # a new file: this process has the old one mapped
+    built.write_bytes(head)  # as a killed link could leave it
+    assert fresh_load() == "thrifty_tiny True"  # torch built it again
+    assert built.stat().st_size > 100

@@ -5,12 +5,17 @@ directory, keyed by everything the binary depends on: its source and headers, th
 compiler's and ninja's versions, and the install (torch, Python, this package's path). Two
 installs on one machine, or two torch versions, never rebuild each other's extension, and an
 edited source gets a fresh build. A build that fails is a warning naming what runs instead.
+
+Because the directory names everything the binary was built from, a `.so` already in it is
+imported as it is: torch's loader (which imports setuptools and runs ninja to check each
+build's timestamps) cost 0.35-0.45 s of every start here, most of a SmolLM2 load.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -92,8 +97,6 @@ class Kernel:
 def build_dir(name: str, source: Path, cflags: tuple[str, ...] | list[str]) -> Path:
     """The directory extension `name` is built in: one per source text (headers included),
     flags, compiler, ninja and install."""
-    from torch.utils.cpp_extension import get_default_build_root
-
     _ensure_ninja()
     key = hashlib.sha256()
     for path in (Path(source), *sorted(CSRC.glob("*.h"))):
@@ -102,17 +105,35 @@ def build_dir(name: str, source: Path, cflags: tuple[str, ...] | list[str]) -> P
     tools = (_version(os.environ.get("CXX") or "c++"), _version("ninja"))
     for part in (*cflags, *tools, *install):
         key.update(part.encode() + b"\0")
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _default_build_root()
     return Path(root) / "thrifty" / f"{name}-{key.hexdigest()[:16]}"
+
+
+def _default_build_root() -> str:
+    """torch.utils.cpp_extension.get_default_build_root(), without importing that module."""
+    try:
+        from torch import _appdirs
+    except ImportError:  # a torch that moved it
+        from torch.utils.cpp_extension import get_default_build_root
+
+        return get_default_build_root()
+    return os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions"))
 
 
 def compile_extension(name: str, source: Path, cflags: list[str]) -> ModuleType:
     """Build (unless built) and import extension `name` from one C++ source file."""
+    directory = build_dir(name, source, cflags)
+    built = directory / f"{name}.so"
+    lock = directory / "lock"
+    if built.is_file() and not lock.exists():  # a lock: a build may be writing it now
+        try:
+            return _import(name, built)
+        except ImportError as e:  # damaged (a killed link): torch builds it again
+            logger.info("thrifty: rebuilding %s (%s)", built, _reason(e))
+            built.unlink(missing_ok=True)  # newer than its objects, ninja would keep it
     from torch.utils.cpp_extension import load
 
-    directory = build_dir(name, source, cflags)
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # torch would wait on it forever
     return load(
@@ -122,6 +143,16 @@ def compile_extension(name: str, source: Path, cflags: list[str]) -> ModuleType:
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
     )
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    """Extension module `name` from its built `.so`, as torch's loader imports it."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module spec for {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ensure_ninja() -> None:
