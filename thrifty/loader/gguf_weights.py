@@ -10,7 +10,10 @@ model's dtype as before (another device, `quantization="fp8"`, a type without a 
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -148,8 +151,14 @@ class GgufWeights:
         # the weights are to be quantized to FP8, everything is dequantized.
         self.keep = keep and self.device.type in ("cpu", "meta")
         self.modules = dict(model.named_modules())
-        self.shards: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.shards: dict[str, dict[int | None, Future[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.scales: dict[str, torch.Tensor] = {}  # parameter name -> its group scales
+        # Repacking is numpy work that releases the GIL: on worker threads it overlaps the
+        # reading of the next tensors and uses every core (Qwen2.5-0.5B's 170 weights: 1.06 s
+        # on one thread, 0.61 s on two, this 2-core EPYC). finish() collects the results; a
+        # load that fails first drops the repacks not yet started.
+        self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "thrifty-repack")
+        weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
 
     def take_weight(
         self, target: str, shard: int | None, tensor: GgufTensor
@@ -162,7 +171,7 @@ class GgufWeights:
             return tensor.dequantize()
         if self.device.type == "meta":  # shapes only (the converter's check): nothing is read
             return torch.empty(tensor.shape, dtype=self.dtype, device="meta")
-        self.shards.setdefault(target, {})[shard] = tensor.quantized()
+        self.shards.setdefault(target, {})[shard] = self.pool.submit(tensor.quantized)
         return None
 
     def finish(
@@ -174,7 +183,9 @@ class GgufWeights:
         """Merge each weight's shards into `loaded` (incomplete sets into `pending`, for
         load_model to name); shards of different formats share q8 where that is exact, and
         are dequantized to the model's dtype where it is not."""
-        for target, parts in self.shards.items():
+        shards = {t: {i: f.result() for i, f in parts.items()} for t, parts in self.shards.items()}
+        self.pool.shutdown()
+        for target, parts in shards.items():
             num_shards = len(packed[target.split(".")[-2]]) if None not in parts else 1
             if len(parts) != num_shards:
                 got = [parts.get(i) for i in range(num_shards)]
