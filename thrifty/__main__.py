@@ -1,3 +1,3 @@
-from thrifty.cli import main
+from thrifty.cli import run
 
-raise SystemExit(main())
+run()
