@@ -272,7 +272,7 @@ def _import_torch() -> None:
     of its view (gc.freeze): modules, classes and functions that live as long as the process.
     Otherwise every full collection during the rest of the start-up, and the one at exit, walks
     torch's ~180k objects again (0.12 s a pass here): `thrifty run --local` spent 0.42 s in
-    collections, now 0.03, and ends 1.1-1.3 s sooner. The cyclic garbage of torch's import
+    collections, now 0.03, and ended 0.4-1.3 s sooner. The cyclic garbage of torch's import
     (~7k objects, 0.7 MB) stays frozen."""
     import gc
 
