@@ -133,12 +133,12 @@ def pull(name: str, *, progress: bool = True) -> Path:
 
 
 def _fetch(entry: RegistryModel, dest: Path, *, progress: bool) -> None:
+    from tqdm import tqdm  # here: `thrifty run` through a server imports this module for names
+
     # Temporary files sit beside `dest` so the final rename is atomic and a crash leaves no
     # half-written model under the real name.
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
-    from tqdm import tqdm  # here: `thrifty run` through a server imports this module for names
-
     digest = hashlib.sha256()
     bar = tqdm(
         total=entry.size_bytes,
