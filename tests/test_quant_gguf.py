@@ -20,6 +20,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from thrifty import hub
+from thrifty import kernels as bf16_kernels
 from thrifty.config import EngineConfig, ModelConfig
 from thrifty.engine.model_runner import ModelRunner
 from thrifty.kernels import ggml as kernels
@@ -333,12 +334,16 @@ def test_tiny_gguf_logits_match_transformers(tiny, compiled):
         torch.testing.assert_close(logits[0], want[pos], atol=atol, rtol=0)
 
 
-def test_the_compiled_layer_loop_equals_the_python_one(tiny, compiled, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_compiled_layer_loop_equals_the_python_one(tiny, compiled, monkeypatch, dtype):
     """Decode steps of two sequences of different lengths: the model body in C++
     (csrc/decode_layers.h: embedding, layers, final norm; layer 0's dense qkv through torch's
-    linear) gives the Python loop's logits bit for bit."""
+    linear, or the packed kernel where the CPU has AVX-512 BF16) gives the Python loop's logits
+    bit for bit."""
+    if dtype == torch.bfloat16 and not bf16_kernels.available():
+        pytest.skip("a dense bf16 weight takes the compiled loop only packed (AVX-512 BF16)")
     out, _ = tiny
-    model = _native_model(out)
+    model = _native_model(out, dtype)
     seq = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     tables, starts = [list(range(1, 9)), list(range(9, 17))], [9, 5]
     ids = torch.cat([seq[0, :9], seq[1, :5]])

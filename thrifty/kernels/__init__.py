@@ -456,10 +456,17 @@ def packed_kernel(
     From AMX_MIN_ROWS rows of x a bf16 weight goes to the AMX tiles where the CPU has them
     (csrc/amx_gemm.cpp reads the same packed layout); fewer rows stream through AVX-512 BF16.
     """
-    gemv = _extension().packed_linear
+    ext = _extension()
+    gemv = ext.packed_linear
     amx = _amx() if packed.dtype == torch.bfloat16 and packed.shape[1] % 16 == 0 else None
     if amx is None:
-        return lambda x: gemv(x, packed, bias)
+
+        def run_gemv(x: torch.Tensor) -> torch.Tensor:
+            return gemv(x, packed, bias)
+
+        # what the decode step's compiled layer loop calls (layers.native_linear)
+        run_gemv.native = (ext.linear_capsule, packed, None, bias, 0, 0)  # type: ignore[attr-defined]
+        return run_gemv
     gemm, min_numel = amx.amx_packed_linear, AMX_MIN_ROWS * packed.shape[1] * 2
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -81,13 +81,15 @@ def native_linear(
     kernel: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
 ) -> tuple | None:
     """A bound kernel (`linear_kernel`) as the compiled decode layer loop takes it, for
-    activations of `dtype`: (capsule, weight, scale, bias, a, b) of a compiled GGUF kernel; a
+    activations of `dtype`: (capsule, weight, scale, bias, a, b) of a compiled GGUF kernel, or
+    of a packed weight's (kernels.packed_kernel, in x's dtype, where AMX does not take it); a
     float32 weight kept dense under float32 x as (None, weight, None, bias, 0, 0), which the
-    loop hands to torch's linear as `_dense_linear` does; None for the rest (bf16 and FP8
+    loop hands to torch's linear as `_dense_linear` does; None for the rest (other bf16 and FP8
     kernels, the references, a forward that all-reduces)."""
     native = getattr(kernel, "native", None)
     if native is not None:
-        return native
+        weight = native[1]  # a float weight (packed) must be in the activations' dtype
+        return native if not weight.is_floating_point() or weight.dtype == dtype else None
     if isinstance(kernel, functools.partial) and kernel.func is _dense_linear:
         weight, bias = kernel.keywords["weight"], kernel.keywords["bias"]
         if dtype == weight.dtype == torch.float32 and weight.is_cpu:

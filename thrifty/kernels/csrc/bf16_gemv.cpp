@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include "torch_api.h"
 
+#include "linear_abi.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -297,10 +298,20 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
   return y;
 }
 
+// packed_linear as the decode step's compiled loop calls it (linear_abi.h; no scale, a, b).
+torch::Tensor packed_linear_abi(const torch::Tensor& x, const torch::Tensor& packed,
+                                const torch::Tensor&, const std::optional<torch::Tensor>& bias,
+                                int64_t, int64_t) {
+  return packed_linear(x, packed, bias);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "y = x @ weight^T + bias in bf16 for few rows of x");
   m.def("packed_linear", &packed_linear,
         "y = x @ W^T + bias, W packed in panels of 16 rows (bf16 or float32)");
+  m.attr("linear_capsule") = py::capsule(
+      reinterpret_cast<void*>(static_cast<thrifty_abi::LinearFn>(&packed_linear_abi)),
+      thrifty_abi::kLinearCapsule);
 }
