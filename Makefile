@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TP_SERVER_TESTS := tests/test_server.py tests/test_server_apps.py tests/test_server_limits.py \
                    tests/test_server_tts.py
+# On a CPU with AVX-512 these run again on the kernels an AVX2-only CPU gets (THRIFTY_CPU_ISA).
+AVX2_KERNEL_TESTS := tests/test_quant_gguf.py tests/test_kernel_selection.py \
+                     tests/test_fp8_kernels.py tests/test_real_models.py
 
 .PHONY: install chat serve test lint bench clean
 
@@ -32,6 +35,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 	# The server tests again, against a server on 2 ranks (tensor parallel; README "Scale out").
 	$(BIN)/pytest -q $(TP_SERVER_TESTS) --tensor-parallel-size 2
+	if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then \
+	  THRIFTY_CPU_ISA=avx2 $(BIN)/pytest -q $(AVX2_KERNEL_TESTS); fi
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -8,6 +8,10 @@ runs.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +106,27 @@ def test_auto_kv_cache_is_bfloat16_for_a_gguf_model_on_any_cpu():
     assert resolve_kv_cache_dtype("bf16", "float32", f32) == bf16
     llm = LLM("smollm2-135m-instruct", progress=False, kv_cache_memory_bytes=1 << 20)
     assert llm.engine.runner.kv_cache.dtype == bf16
+
+
+def test_thrifty_cpu_isa_avx2_chooses_what_an_avx2_only_cpu_runs():
+    """THRIFTY_CPU_ISA=avx2, in a fresh process: AVX-512 and AMX hidden from every choice (the
+    GGUF and FP8 builds, the bf16 kernels, --dtype auto); a name it does not know is one line."""
+    script = (
+        "from thrifty import kernels; from thrifty.kernels import fp8, ggml;"
+        "from thrifty.kernels.build import cpu_has;"
+        "print(ggml.kernel().name, fp8.kernel().name, kernels.available(),"
+        " cpu_has(('avx512f',)), cpu_has(('avx2',)))"
+    )
+    env = {**os.environ, "THRIFTY_CPU_ISA": "avx2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "thrifty_ggml_gemv_avx2", "thrifty_fp8_avx2", "False", "False", str(AVX2)
+    ]  # fmt: skip
+    env["THRIFTY_CPU_ISA"] = "avx9"
+    run = [sys.executable, "-m", "thrifty", "run", "--local", "smollm2-135m-instruct", "hi"]
+    out = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "error: $THRIFTY_CPU_ISA='avx9': choose native (the default) or avx2"
+    ]

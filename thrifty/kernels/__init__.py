@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from thrifty.kernels.build import CSRC, Kernel, compile_extension
+from thrifty.kernels.build import CSRC, Kernel, compile_extension, isa_capped
 
 # Up to this many rows of x (tokens in the step), bf16_linear beats or matches torch's CPU bf16
 # matmul (benchmarks/kernels_bf16.py, and batch-32 decode end to end); beyond it oneDNN wins.
@@ -60,12 +60,12 @@ def bf16_linear(
 
 def _cpu_has_avx512_bf16() -> bool:
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
+    return not isa_capped() and bool(check and check())
 
 
 def _cpu_has_amx() -> bool:
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+    return not isa_capped() and bool(check and check())
 
 
 def _build(

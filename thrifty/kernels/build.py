@@ -29,6 +29,8 @@ from types import ModuleType
 
 import torch
 
+from thrifty.errors import ThriftyError
+
 logger = logging.getLogger("thrifty.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
@@ -36,9 +38,28 @@ _STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a
 _LOADED: dict[str, ModuleType | None] = {}  # by extension name: each is tried once a process
 
 
+# THRIFTY_CPU_ISA=avx2 hides the CPU's AVX-512 and AMX from the kernel choice, so that a CPU
+# with them runs (and its tests and benchmarks check) the GGUF, FP8 and bf16 kernels an
+# AVX2-only CPU runs. (The ops built with -march=native stay native: they have one build.)
+ISA_ENV = "THRIFTY_CPU_ISA"
+_CAPPED_PREFIXES = ("avx512", "amx")
+
+
+def isa_capped() -> bool:
+    """Whether THRIFTY_CPU_ISA asks for AVX2 at most ("avx2"); unset or "native": what the CPU
+    has. Anything else is an error, rather than a silent choice."""
+    value = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
+    if value not in ("native", "avx2"):
+        raise ThriftyError(f"${ISA_ENV}={value!r}: choose native (the default) or avx2")
+    return value == "avx2"
+
+
 @functools.cache
 def cpu_has(flags: tuple[str, ...]) -> bool:
-    """Whether this CPU reports every one of `flags` (names as in /proc/cpuinfo)."""
+    """Whether this CPU reports every one of `flags` (names as in /proc/cpuinfo), less what
+    THRIFTY_CPU_ISA hides."""
+    if isa_capped() and any(f.startswith(_CAPPED_PREFIXES) for f in flags):
+        return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
