@@ -160,16 +160,24 @@ def test_kernels_equal_the_reference(compiled, qtype, dtype, rows, scales):
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("scales", ["file", "float32"])
-def test_one_row_of_x_with_partial_blocks(compiled, qtype, scales):
-    """The batch-1 GEMV takes output rows 4 at a time and x's group sums 8 groups at a time:
-    6 rows (one block and 2 left) by 11 groups (8 and 3 left) meet both tails."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_row_of_x_with_partial_blocks(compiled, qtype, scales, dtype):
+    """The batch-1 GEMV takes output rows 4 at a time, x's group sums 8 (AVX2) or 16 (AVX-512)
+    groups at a time and, with bf16 x on AVX-512, groups in pairs: 6 rows (one block and 2 left)
+    by 11 groups (8 and 3 left; 5 pairs and a half) meet every tail."""
     n, k = 6, 11 * 32
     weight, scale = ggml.repack(_blocks(qtype, n, k, np.random.default_rng(0)), qtype, (n, k))
     scale = _scales(scale, scales)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0))
-    want = kernels.reference_gemv(x, weight, scale)
-    tol = 2e-5 * float(want.abs().max()) + 1e-6
-    torch.testing.assert_close(kernels.gemv(x, weight, scale), want, atol=tol, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(1, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    for b in (None, bias):
+        want = kernels.reference_gemv(x, weight, scale, b).float()
+        tol = 2e-5 * float(want.abs().max()) + 1e-6
+        if dtype == torch.bfloat16:  # and one rounding of y to bf16
+            tol = max(tol, float(want.abs().max()) * 2**-8)
+        got = kernels.gemv(x, weight, scale, b)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
