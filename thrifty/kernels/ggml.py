@@ -23,7 +23,7 @@ from thrifty.kernels.build import CSRC, Kernel, cpu_has
 from thrifty.quant import ggml
 
 _FORMATS = {"q4": 0, "q5": 1, "q8": 2}
-_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma", "f16c")
 _AVX2 = ("avx2", "fma", "f16c")
 _FALLBACK = "the torch reference (dequantizes the whole weight on every call)"
 
@@ -33,7 +33,8 @@ _FALLBACK = "the torch reference (dequantizes the whole weight on every call)"
 AVX512_KERNEL = Kernel(
     "thrifty_ggml_gemv",
     CSRC / "ggml_gemv.cpp",
-    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"),
+    # FMA and F16C for the int16 GEMV (AVX2 instructions) it runs for q4 at one row
+    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp"),
     _FALLBACK,
     lambda: cpu_has(_AVX512),
 )
@@ -142,10 +143,22 @@ def gemm_i16(
 
 def quantizes_x() -> bool:
     """Whether this CPU's GEMV rounds x to int16 per group of 32 before its integer dot products
-    (the AVX2 build, on every format where K is a multiple of 32); the AVX-512 build multiplies
-    x as it is."""
+    on every format (the AVX2 build, where K is a multiple of 32); the AVX-512 build multiplies
+    x as it is, except at one row of bf16 x on q4 weights (gemv_quantizes_x)."""
     ext = _extension()
     return bool(ext is not None and ext.quantizes_x)
+
+
+def gemv_quantizes_x(fmt: str, rows: int, dtype: torch.dtype) -> bool:
+    """Whether the GEMV rounds x to int16 for a weight of this format at `rows` rows of x in
+    `dtype`: everywhere on AVX2; on AVX-512, q4 at one row of bf16 x (csrc/ggml_gemv.cpp:
+    faster there than its BF16 dot products)."""
+    ext = _extension()
+    if ext is None:
+        return False
+    one_row_q4 = getattr(ext, "quantizes_q4_one_row", False)
+    return bool(ext.quantizes_x or (one_row_q4 and fmt == "q4" and rows == 1
+                                    and dtype == torch.bfloat16))  # fmt: skip
 
 
 def reference_quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +176,11 @@ def reference_gemv(
 ) -> torch.Tensor:
     """What `gemv` computes on this CPU, in torch: the dequantized float32 matmul, or where the
     GEMV quantizes x (groups of 32), sum_g d_g dx_g (q . qx) + m_g sum(x over g)."""
-    if not (quantizes_x() and x.shape[-1] % 32 == 0):  # q8 in groups of 16 too, when K allows
-        return ggml.reference_linear(x, weight, scale, bias)
     fmt, _ = ggml.format_of(weight, scale)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    # q8 in groups of 16 too, when K allows
+    if not (gemv_quantizes_x(fmt, rows, x.dtype) and x.shape[-1] % 32 == 0):
+        return ggml.reference_linear(x, weight, scale, bias)
     qx, dx = reference_quantize_x(x)
     y = F.linear((qx * dx).flatten(-2), ggml.dequantize(weight, scale))
     if fmt != "q8":  # the offsets m meet x's own sums, not the rounded x's

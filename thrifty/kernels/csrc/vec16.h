@@ -47,6 +47,18 @@ inline __m256 exp8(__m256 x) {
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+
+// The sum and the maximum of 8 float32 lanes.
+inline float reduce8_add(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+inline float reduce8_max(__m256 v) {
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -105,16 +117,6 @@ inline mask16 compare(f16v a, f16v b) {
 }
 inline mask16 ge(f16v a, f16v b) { return compare<_CMP_GE_OQ>(a, b); }
 inline mask16 gt(f16v a, f16v b) { return compare<_CMP_GT_OQ>(a, b); }
-inline float reduce8_add(__m256 v) {
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-inline float reduce8_max(__m256 v) {
-  __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-}
 inline float reduce_add(f16v v) { return reduce8_add(_mm256_add_ps(v.lo, v.hi)); }
 inline float reduce_max(f16v v) { return reduce8_max(_mm256_max_ps(v.lo, v.hi)); }
 inline f16v load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
