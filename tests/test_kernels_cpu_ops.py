@@ -69,7 +69,7 @@ def _attention_case(lens, kv_heads, group, head_dim, block_size, dtypes, seed):
 def test_long_contexts_split_over_the_threads_match_the_reference(lens, kv_heads, threads, dtypes):
     # Fewer (sequence, kv head) tasks than 4 a thread that the threads do not divide: each
     # context is cut into a part per thread and the parts' softmaxes merged (csrc/cpu_ops.cpp
-    # context_parts, on AVX2). The 1-token sequence leaves one of its parts empty.
+    # context_parts). The 1-token sequence leaves one of its parts empty.
     q, k_cache, v_cache, tables, context_lens, scale = _attention_case(
         lens, kv_heads, 2, 64, 16, dtypes, seed=sum(lens) + kv_heads
     )

@@ -133,16 +133,62 @@ inline void prefetch_row(const R* row, int64_t D) {
 }
 #endif
 
+// Parts of each context for one step: 1, or the thread count (at most kMaxParts) where
+// (sequence, kv head) tasks are fewer than 4 a thread and do not divide evenly among the
+// threads (SmolLM2 at batch 1: 3 kv heads on 2 threads, one thread doing two of them while the
+// other waits), so long as the parts average 128 tokens or more. SmolLM2's shape on 2 threads,
+// the builds before and after timed in turns (3 processes each, medians): 1.14-1.41x at
+// 1000-2000 tokens, 0.84-1.16x at 128-512, within the noise there.
+constexpr int64_t kMaxParts = 8, kMinPartTokens = 128;
+inline int64_t context_parts(int64_t B, int64_t Hkv, const int64_t* lens) {
+  const int64_t threads = at::get_num_threads(), tasks = B * Hkv;
+  if (threads < 2 || tasks % threads == 0 || tasks >= 4 * threads) return 1;
+  const int64_t parts = std::min(threads, kMaxParts);
+  int64_t tokens = 0;
+  for (int64_t b = 0; b < B; ++b) tokens += lens[b];
+  return tokens / B >= kMinPartTokens * parts ? parts : 1;
+}
+
+// Token range [begin, end) of part p of P of a len-token context.
+inline std::pair<int64_t, int64_t> part_range(int64_t len, int64_t p, int64_t P) {
+  return {len * p / P, len * (p + 1) / P};
+}
+
+// out[g] (G, D) from P parts' normalized outputs res (P, G, D), maxes and sums (P, G): the
+// softmax over the whole context, each part weighted by its sum of exps rescaled to the
+// overall max (parts of no tokens have sum 0).
+template <typename T>
+void merge_parts(const float* res, const float* max, const float* sum, int64_t P, int64_t G,
+                 int64_t D, T* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < P; ++p)
+      if (sum[p * G + g] > 0.f) m = std::max(m, max[p * G + g]);
+    float w[kMaxParts], total = 0.f;
+    for (int64_t p = 0; p < P; ++p) {
+      w[p] = sum[p * G + g] > 0.f ? sum[p * G + g] * std::exp(max[p * G + g] - m) : 0.f;
+      total += w[p];
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      float a = 0.f;
+      for (int64_t p = 0; p < P; ++p) a += w[p] * res[(p * G + g) * D + d];
+      out[g * D + d] = static_cast<T>(a / total);
+    }
+  }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
-// One (sequence, kv head) task, C chunks of 16 lanes per head (D <= 16 C; lanes past D are
-// masked off by `tail`). k[t], v[t]: the rows of token t, len + 15 of them (the extra repeat
-// the last row). qf: (G, C, 16) scaled queries; scores: G * padded floats of scratch; out:
-// (G, C, 16). Scores go 16 tokens per pass, 16 dot products folded by one transpose-add; the
+// One (sequence, kv head) task over len tokens (a whole context, or one part of it), C chunks
+// of 16 lanes per head (D <= 16 C; lanes past D are masked off by `tail`). k[t], v[t]: the rows
+// of token t, len + 15 of them (the extra repeat the last row, or are the next part's). qf:
+// (G, C, 16) scaled queries; scores: G * padded floats of scratch; out: (G, C, 16), each head's
+// softmax-weighted values; max, sum: G floats, each head's largest score and its sum of
+// exp(s - max), what merge_parts needs. Scores go 16 tokens per pass, 16 dot products folded by one transpose-add; the
 // weighted sum of values keeps the C accumulators of one head in registers.
 template <typename R, int C>
 void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
-                 int64_t D, __mmask16 tail, float* scores, float* out) {
+                 int64_t D, __mmask16 tail, float* scores, float* max, float* sum, float* out) {
   using namespace thrifty_simd;
   const int64_t padded = (len + 15) / 16 * 16;
   const __mmask16 full = 0xFFFF;
@@ -180,7 +226,9 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
       _mm512_storeu_ps(s + t0, em);
       sv = _mm512_add_ps(sv, em);
     }
-    const float inv = 1.f / _mm512_reduce_add_ps(sv);
+    max[g] = _mm512_cvtss_f32(mx);
+    sum[g] = _mm512_reduce_add_ps(sv);
+    const float inv = 1.f / sum[g];
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; ++t) {
@@ -204,26 +252,58 @@ void attend_simd(const T* q, const KV* k_cache, const KV* v_cache, const int64_t
   const auto* qr = reinterpret_cast<const typename Raw<T>::type*>(q);
   const auto* kc = reinterpret_cast<const R*>(k_cache);
   const auto* vc = reinterpret_cast<const R*>(v_cache);
-  at::parallel_for(0, B * Hkv, attention_grain(B, lens, G, D), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * C * 16), res(G * C * 16), scores;
+  // Tasks are (sequence, kv head, part of the context), as on AVX2 (attend_simd8): with one part
+  // a task writes its heads' output, with more each part keeps its (res, max, sum) for
+  // merge_parts.
+  const int64_t P = context_parts(B, Hkv, lens), W = C * 16;  // W: a head's floats in res
+  const int64_t kept = P > 1 ? B * Hkv * P : 0;
+  std::vector<float> parts(kept * G * (W + 2));
+  float* part_res = parts.data();
+  float* part_max = part_res + kept * G * W;
+  float* part_sum = part_max + kept * G;
+  const int64_t grain = std::max<int64_t>(1, attention_grain(B, lens, G, D) * P);
+  at::parallel_for(0, B * Hkv * P, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * W), res(G * W), max(G), sum(G), scores;
     std::vector<const R*> k, v;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, kvh = task % Hkv, len = lens[b];
+      const int64_t p = task % P, b = task / P / Hkv, kvh = task / P % Hkv;
+      const auto [first, last] = part_range(lens[b], p, P);
       const int64_t* table = tables + b * max_blocks;
-      kv_rows(kc, vc, table, len, 15, block_size, row, kvh * D, k, v);
+      // a thread's tasks are contiguous, the part fastest: the rows are a sequence's and head's
+      if (p == 0 || k.empty()) kv_rows(kc, vc, table, lens[b], 15, block_size, row, kvh * D, k, v);
       for (int64_t g = 0; g < G; ++g)
         for (int c = 0; c < C; ++c) {
           const auto* qg = qr + (b * H + kvh * G + g) * D + c * 16;
           const __m512 x = thrifty_simd::load_f32(qg, c == C - 1 ? tail : __mmask16(0xFFFF));
           _mm512_storeu_ps(&qf[(g * C + c) * 16], _mm512_mul_ps(x, _mm512_set1_ps(scale)));
         }
+      float* r = P == 1 ? res.data() : part_res + task * G * W;
+      float* m = P == 1 ? max.data() : part_max + task * G;
+      float* z = P == 1 ? sum.data() : part_sum + task * G;
+      const int64_t len = last - first;
+      if (P > 1 && len == 0) {  // an empty part (a context shorter than P): weight 0 in merge_parts
+        std::fill_n(z, G, 0.f);
+        continue;
+      }
       scores.resize(G * ((len + 15) / 16 * 16));
-      attend_task<R, C>(qf.data(), k.data(), v.data(), len, G, D, tail, scores.data(), res.data());
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          out[(b * H + kvh * G + g) * D + d] = static_cast<T>(res[g * C * 16 + d]);
+      attend_task<R, C>(qf.data(), k.data() + first, v.data() + first, len, G, D, tail,
+                        scores.data(), m, z, r);
+      if (P == 1)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d)
+            out[(b * H + kvh * G + g) * D + d] = static_cast<T>(r[g * W + d]);
     }
   });
+  if (P == 1) return;
+  std::vector<float> merged(G * W);
+  for (int64_t task = 0; task < B * Hkv; ++task) {
+    const int64_t b = task / Hkv, kvh = task % Hkv;
+    merge_parts(part_res + task * P * G * W, part_max + task * P * G, part_sum + task * P * G, P, G,
+                W, merged.data());
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d)
+        out[(b * H + kvh * G + g) * D + d] = static_cast<T>(merged[g * W + d]);
+  }
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -344,50 +424,6 @@ void attend_task8(const float* qf, const R* const* k, const R* const* v, int64_t
     for (int c = 0; c < C; ++c)
       _mm256_storeu_ps(out + (g * C + c) * 8, _mm256_mul_ps(_mm256_loadu_ps(out + (g * C + c) * 8),
                                                             _mm256_set1_ps(1.f / sum[g])));
-}
-
-// Parts of each context for one step: 1, or the thread count (at most kMaxParts) where
-// (sequence, kv head) tasks are fewer than 4 a thread and do not divide evenly among the
-// threads (SmolLM2 at batch 1: 3 kv heads on 2 threads, one thread doing two of them while the
-// other waits), so long as the parts average 128 tokens or more. SmolLM2's shape on 2 threads,
-// the builds before and after timed in turns (3 processes each, medians): 1.14-1.41x at
-// 1000-2000 tokens, 0.84-1.16x at 128-512, within the noise there.
-constexpr int64_t kMaxParts = 8, kMinPartTokens = 128;
-inline int64_t context_parts(int64_t B, int64_t Hkv, const int64_t* lens) {
-  const int64_t threads = at::get_num_threads(), tasks = B * Hkv;
-  if (threads < 2 || tasks % threads == 0 || tasks >= 4 * threads) return 1;
-  const int64_t parts = std::min(threads, kMaxParts);
-  int64_t tokens = 0;
-  for (int64_t b = 0; b < B; ++b) tokens += lens[b];
-  return tokens / B >= kMinPartTokens * parts ? parts : 1;
-}
-
-// Token range [begin, end) of part p of P of a len-token context.
-inline std::pair<int64_t, int64_t> part_range(int64_t len, int64_t p, int64_t P) {
-  return {len * p / P, len * (p + 1) / P};
-}
-
-// out[g] (G, D) from P parts' normalized outputs res (P, G, D), maxes and sums (P, G): the
-// softmax over the whole context, each part weighted by its sum of exps rescaled to the
-// overall max (parts of no tokens have sum 0).
-template <typename T>
-void merge_parts(const float* res, const float* max, const float* sum, int64_t P, int64_t G,
-                 int64_t D, T* out) {
-  for (int64_t g = 0; g < G; ++g) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t p = 0; p < P; ++p)
-      if (sum[p * G + g] > 0.f) m = std::max(m, max[p * G + g]);
-    float w[kMaxParts], total = 0.f;
-    for (int64_t p = 0; p < P; ++p) {
-      w[p] = sum[p * G + g] > 0.f ? sum[p * G + g] * std::exp(max[p * G + g] - m) : 0.f;
-      total += w[p];
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      float a = 0.f;
-      for (int64_t p = 0; p < P; ++p) a += w[p] * res[(p * G + g) * D + d];
-      out[g * D + d] = static_cast<T>(a / total);
-    }
-  }
 }
 
 template <typename T, typename KV, int C>
