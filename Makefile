@@ -9,7 +9,8 @@ TP_SERVER_TESTS := tests/test_server.py tests/test_server_apps.py tests/test_ser
                    tests/test_server_tts.py
 # On a CPU with AVX-512 these run again on the kernels an AVX2-only CPU gets (THRIFTY_CPU_ISA).
 AVX2_KERNEL_TESTS := tests/test_quant_gguf.py tests/test_kernel_selection.py \
-                     tests/test_fp8_kernels.py tests/test_real_models.py
+                     tests/test_fp8_kernels.py tests/test_kernels_cpu_ops.py \
+                     tests/test_kernels_sampling.py tests/test_real_models.py
 
 .PHONY: install chat serve test lint bench clean
 

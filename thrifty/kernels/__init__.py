@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from thrifty.errors import ThriftyError
 from thrifty.kernels.build import CSRC, Kernel, compile_extension, isa_capped
 
 # Up to this many rows of x (tokens in the step), bf16_linear beats or matches torch's CPU bf16
@@ -75,10 +76,20 @@ def _build(
     return compile_extension(name, source, list(cflags))
 
 
-# Reassociation lets gcc vectorise the float reductions; -march=native: built where it runs.
+def _native_cflags() -> tuple[str, ...]:
+    """-march=native (built where it runs), less AVX-512 under THRIFTY_CPU_ISA=avx2 (a value it
+    does not know is left to the kernel choice to refuse)."""
+    try:
+        capped = isa_capped()
+    except ThriftyError:
+        capped = False
+    return ("-march=native", "-mno-avx512f") if capped else ("-march=native",)
+
+
+# Reassociation lets gcc vectorise the float reductions.
 _ATTENTION_CFLAGS = (
     "-O3",
-    "-march=native",
+    *_native_cflags(),
     "-fopenmp",
     "-fassociative-math",
     "-fno-signed-zeros",

@@ -39,8 +39,9 @@ _LOADED: dict[str, ModuleType | None] = {}  # by extension name: each is tried o
 
 
 # THRIFTY_CPU_ISA=avx2 hides the CPU's AVX-512 and AMX from the kernel choice, so that a CPU
-# with them runs (and its tests and benchmarks check) the GGUF, FP8 and bf16 kernels an
-# AVX2-only CPU runs. (The ops built with -march=native stay native: they have one build.)
+# with them runs (and its tests and benchmarks check) the kernels an AVX2-only CPU runs: the
+# GGUF, FP8 and bf16 builds chosen by flags, and the ops built with -march=native built
+# without AVX-512 (kernels/__init__.py).
 ISA_ENV = "THRIFTY_CPU_ISA"
 _CAPPED_PREFIXES = ("avx512", "amx")
 

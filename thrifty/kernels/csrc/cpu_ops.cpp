@@ -154,12 +154,12 @@ inline std::pair<int64_t, int64_t> part_range(int64_t len, int64_t p, int64_t P)
   return {len * p / P, len * (p + 1) / P};
 }
 
-// out[g] (G, D) from P parts' normalized outputs res (P, G, D), maxes and sums (P, G): the
-// softmax over the whole context, each part weighted by its sum of exps rescaled to the
-// overall max (parts of no tokens have sum 0).
+// out[g] (G, D) from P parts' normalized outputs res (P, G, W), W >= D floats a head, maxes and
+// sums (P, G): the softmax over the whole context, each part weighted by its sum of exps
+// rescaled to the overall max (parts of no tokens have sum 0).
 template <typename T>
 void merge_parts(const float* res, const float* max, const float* sum, int64_t P, int64_t G,
-                 int64_t D, T* out) {
+                 int64_t W, int64_t D, T* out) {
   for (int64_t g = 0; g < G; ++g) {
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t p = 0; p < P; ++p)
@@ -171,9 +171,62 @@ void merge_parts(const float* res, const float* max, const float* sum, int64_t P
     }
     for (int64_t d = 0; d < D; ++d) {
       float a = 0.f;
-      for (int64_t p = 0; p < P; ++p) a += w[p] * res[(p * G + g) * D + d];
+      for (int64_t p = 0; p < P; ++p) a += w[p] * res[(p * G + g) * W + d];
       out[g * D + d] = static_cast<T>(a / total);
     }
+  }
+}
+
+// The task loop of the SIMD paths: tasks are (sequence, kv head, part of the context); with one
+// part a task writes its heads' output, with more each part keeps its (res, max, sum) for
+// merge_parts. W: a head's floats in a task's queries and output (D, or D rounded up to the
+// vector width); pad: rows past a context's end that a task reads (kv_rows repeats the last).
+// load_q(b, kvh, qf) writes the kv head's G scaled queries (G, W); attend(qf, k, v, len,
+// scores, max, sum, res) runs one task over len tokens (attend_task, attend_task8).
+template <typename T, typename R, typename LoadQ, typename Attend>
+void attend_tasks(const R* kc, const R* vc, const int64_t* tables, const int64_t* lens, T* out,
+                  int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t W, int64_t pad,
+                  int64_t block_size, int64_t max_blocks, const LoadQ& load_q,
+                  const Attend& attend) {
+  const int64_t G = H / Hkv, row = Hkv * D;
+  const int64_t P = context_parts(B, Hkv, lens);
+  const int64_t kept = P > 1 ? B * Hkv * P : 0;  // tasks whose (res, max, sum) merge_parts reads
+  std::vector<float> parts(kept * G * (W + 2));
+  float* part_res = parts.data();
+  float* part_max = part_res + kept * G * W;
+  float* part_sum = part_max + kept * G;
+  const int64_t grain = std::max<int64_t>(1, attention_grain(B, lens, G, D) * P);
+  at::parallel_for(0, B * Hkv * P, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * W), res(G * W), max(G), sum(G), scores;
+    std::vector<const R*> k, v;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task % P, b = task / P / Hkv, kvh = task / P % Hkv;
+      const auto [first, last] = part_range(lens[b], p, P);
+      // A thread's tasks are contiguous, the part fastest: one sequence's and head's rows.
+      if (p == 0 || k.empty())
+        kv_rows(kc, vc, tables + b * max_blocks, lens[b], pad, block_size, row, kvh * D, k, v);
+      load_q(b, kvh, qf.data());
+      // One part: this thread's scratch, copied out below; more: the task's slot in `parts`.
+      float* r = P == 1 ? res.data() : part_res + task * G * W;
+      float* m = P == 1 ? max.data() : part_max + task * G;
+      float* z = P == 1 ? sum.data() : part_sum + task * G;
+      const int64_t len = last - first;
+      if (P > 1 && len == 0) {  // an empty part (a context shorter than P): weight 0 in merge_parts
+        std::fill_n(z, G, 0.f);
+        continue;
+      }
+      attend(qf.data(), k.data() + first, v.data() + first, len, scores, m, z, r);
+      if (P == 1)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d)
+            out[(b * H + kvh * G + g) * D + d] = static_cast<T>(r[g * W + d]);
+    }
+  });
+  if (P == 1) return;
+  for (int64_t task = 0; task < B * Hkv; ++task) {
+    const int64_t b = task / Hkv, kvh = task % Hkv;
+    merge_parts(part_res + task * P * G * W, part_max + task * P * G, part_sum + task * P * G, P, G,
+                W, D, out + (b * H + kvh * G) * D);
   }
 }
 
@@ -247,63 +300,24 @@ void attend_simd(const T* q, const KV* k_cache, const KV* v_cache, const int64_t
                  const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                  int64_t block_size, int64_t max_blocks, float scale) {
   using R = typename Raw<KV>::type;
-  const int64_t G = H / Hkv, row = Hkv * D;
+  const int64_t G = H / Hkv;
   const __mmask16 tail = static_cast<__mmask16>((1u << (D - (C - 1) * 16)) - 1);
   const auto* qr = reinterpret_cast<const typename Raw<T>::type*>(q);
-  const auto* kc = reinterpret_cast<const R*>(k_cache);
-  const auto* vc = reinterpret_cast<const R*>(v_cache);
-  // Tasks are (sequence, kv head, part of the context), as on AVX2 (attend_simd8): with one part
-  // a task writes its heads' output, with more each part keeps its (res, max, sum) for
-  // merge_parts.
-  const int64_t P = context_parts(B, Hkv, lens), W = C * 16;  // W: a head's floats in res
-  const int64_t kept = P > 1 ? B * Hkv * P : 0;
-  std::vector<float> parts(kept * G * (W + 2));
-  float* part_res = parts.data();
-  float* part_max = part_res + kept * G * W;
-  float* part_sum = part_max + kept * G;
-  const int64_t grain = std::max<int64_t>(1, attention_grain(B, lens, G, D) * P);
-  at::parallel_for(0, B * Hkv * P, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * W), res(G * W), max(G), sum(G), scores;
-    std::vector<const R*> k, v;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task % P, b = task / P / Hkv, kvh = task / P % Hkv;
-      const auto [first, last] = part_range(lens[b], p, P);
-      const int64_t* table = tables + b * max_blocks;
-      // a thread's tasks are contiguous, the part fastest: the rows are a sequence's and head's
-      if (p == 0 || k.empty()) kv_rows(kc, vc, table, lens[b], 15, block_size, row, kvh * D, k, v);
-      for (int64_t g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) {
-          const auto* qg = qr + (b * H + kvh * G + g) * D + c * 16;
-          const __m512 x = thrifty_simd::load_f32(qg, c == C - 1 ? tail : __mmask16(0xFFFF));
-          _mm512_storeu_ps(&qf[(g * C + c) * 16], _mm512_mul_ps(x, _mm512_set1_ps(scale)));
-        }
-      float* r = P == 1 ? res.data() : part_res + task * G * W;
-      float* m = P == 1 ? max.data() : part_max + task * G;
-      float* z = P == 1 ? sum.data() : part_sum + task * G;
-      const int64_t len = last - first;
-      if (P > 1 && len == 0) {  // an empty part (a context shorter than P): weight 0 in merge_parts
-        std::fill_n(z, G, 0.f);
-        continue;
-      }
-      scores.resize(G * ((len + 15) / 16 * 16));
-      attend_task<R, C>(qf.data(), k.data() + first, v.data() + first, len, G, D, tail,
-                        scores.data(), m, z, r);
-      if (P == 1)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < D; ++d)
-            out[(b * H + kvh * G + g) * D + d] = static_cast<T>(r[g * W + d]);
-    }
-  });
-  if (P == 1) return;
-  std::vector<float> merged(G * W);
-  for (int64_t task = 0; task < B * Hkv; ++task) {
-    const int64_t b = task / Hkv, kvh = task % Hkv;
-    merge_parts(part_res + task * P * G * W, part_max + task * P * G, part_sum + task * P * G, P, G,
-                W, merged.data());
+  auto load_q = [&](int64_t b, int64_t kvh, float* qf) {
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t d = 0; d < D; ++d)
-        out[(b * H + kvh * G + g) * D + d] = static_cast<T>(merged[g * W + d]);
-  }
+      for (int c = 0; c < C; ++c) {
+        const auto* qg = qr + (b * H + kvh * G + g) * D + c * 16;
+        const __m512 x = thrifty_simd::load_f32(qg, c == C - 1 ? tail : __mmask16(0xFFFF));
+        _mm512_storeu_ps(qf + (g * C + c) * 16, _mm512_mul_ps(x, _mm512_set1_ps(scale)));
+      }
+  };
+  auto attend = [&](const float* qf, const R* const* k, const R* const* v, int64_t len,
+                    std::vector<float>& scores, float* m, float* z, float* r) {
+    scores.resize(G * ((len + 15) / 16 * 16));
+    attend_task<R, C>(qf, k, v, len, G, D, tail, scores.data(), m, z, r);
+  };
+  attend_tasks(reinterpret_cast<const R*>(k_cache), reinterpret_cast<const R*>(v_cache), tables,
+               lens, out, B, H, Hkv, D, C * 16, 15, block_size, max_blocks, load_q, attend);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -431,52 +445,18 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
                   const int64_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                   int64_t block_size, int64_t max_blocks, float scale) {
   using R = typename Raw<KV>::type;
-  const int64_t G = H / Hkv, row = Hkv * D;
-  const auto* kc = reinterpret_cast<const R*>(k_cache);
-  const auto* vc = reinterpret_cast<const R*>(v_cache);
-  // Tasks are (sequence, kv head, part of the context); with one part a task writes its heads'
-  // output, with more each part keeps its own (res, max, sum) for merge_parts.
-  const int64_t P = context_parts(B, Hkv, lens);
-  const int64_t kept = P > 1 ? B * Hkv * P : 0;  // tasks whose (res, max, sum) merge_parts reads
-  std::vector<float> parts(kept * G * (D + 2));
-  float* part_res = parts.data();
-  float* part_max = part_res + kept * G * D;
-  float* part_sum = part_max + kept * G;
-  const int64_t grain = std::max<int64_t>(1, attention_grain(B, lens, G, D) * P);
-  at::parallel_for(0, B * Hkv * P, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), res(G * D), max(G), sum(G), scores;
-    std::vector<const R*> k, v;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task % P, b = task / P / Hkv, kvh = task / P % Hkv;
-      const auto [first, last] = part_range(lens[b], p, P);
-      const int64_t* table = tables + b * max_blocks;
-      if (p == 0 || k.empty()) kv_rows(kc, vc, table, lens[b], 7, block_size, row, kvh * D, k, v);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
-      // One part: this thread's scratch, copied out below; more: the task's slot in `parts`.
-      float* r = P == 1 ? res.data() : part_res + task * G * D;
-      float* m = P == 1 ? max.data() : part_max + task * G;
-      float* z = P == 1 ? sum.data() : part_sum + task * G;
-      const int64_t len = last - first;
-      if (P > 1 && len == 0) {  // an empty part (a context shorter than P): weight 0 in merge_parts
-        std::fill_n(z, G, 0.f);
-        continue;
-      }
-      scores.resize(G * ((len + 7) / 8 * 8));
-      attend_task8<R, C>(qf.data(), k.data() + first, v.data() + first, len, G, scores.data(), m,
-                         z, r);
-      if (P == 1)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < D; ++d) out[(b * H + kvh * G + g) * D + d] = static_cast<T>(r[g * D + d]);
-    }
-  });
-  if (P == 1) return;
-  for (int64_t task = 0; task < B * Hkv; ++task) {
-    const int64_t b = task / Hkv, kvh = task % Hkv;
-    merge_parts(part_res + task * P * G * D, part_max + task * P * G, part_sum + task * P * G, P, G,
-                D, out + (b * H + kvh * G) * D);
-  }
+  const int64_t G = H / Hkv;
+  auto load_q = [&](int64_t b, int64_t kvh, float* qf) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
+  };
+  auto attend = [&](const float* qf, const R* const* k, const R* const* v, int64_t len,
+                    std::vector<float>& scores, float* m, float* z, float* r) {
+    scores.resize(G * ((len + 7) / 8 * 8));
+    attend_task8<R, C>(qf, k, v, len, G, scores.data(), m, z, r);
+  };
+  attend_tasks(reinterpret_cast<const R*>(k_cache), reinterpret_cast<const R*>(v_cache), tables,
+               lens, out, B, H, Hkv, D, D, 7, block_size, max_blocks, load_q, attend);
 }
 
 #endif
