@@ -243,22 +243,33 @@ template <typename R, int C>
 void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
                  int64_t D, __mmask16 tail, float* scores, float* max, float* sum, float* out) {
   using namespace thrifty_simd;
+  constexpr bool kWiden = std::is_same_v<R, uint16_t>;
   const int64_t padded = (len + 15) / 16 * 16;
   const __mmask16 full = 0xFFFF;
   // The block table scatters the rows where the hardware prefetcher can't follow: fetch the
   // next 16 keys while these are scored, and values kAhead tokens ahead.
   constexpr int64_t kAhead = 8;
+  // A bf16 cache's rows are widened to float32 once for all G query heads (kbuf: 16 keys, 4 KB
+  // at 64 dims; vbuf: kVB values), not once per head as they are dotted: Qwen2.5's 7 heads a
+  // kv head did the widening 7 times over. Each head still sums its tokens in order.
+  alignas(64) float kbuf[kWiden ? 16 * C * 16 : 16];
+  auto key = [&](int64_t t0, int j, int c) -> __m512 {
+    if constexpr (kWiden) return _mm512_load_ps(kbuf + (j * C + c) * 16);
+    else return load_f32(k[t0 + j] + c * 16, c == C - 1 ? tail : full);
+  };
   for (int64_t t = 0; t < std::min<int64_t>(16, len); ++t) prefetch_row(k[t], D);
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     for (int64_t t = t0 + 16; t < std::min(t0 + 32, len); ++t) prefetch_row(k[t], D);
+    if constexpr (kWiden)
+      for (int j = 0; j < 16; ++j)
+        for (int c = 0; c < C; ++c)
+          _mm512_store_ps(kbuf + (j * C + c) * 16, load_f32(k[t0 + j] + c * 16, c == C - 1 ? tail : full));
     for (int64_t g = 0; g < G; ++g) {
       __m512 dots[16];
       for (int j = 0; j < 16; ++j) dots[j] = _mm512_setzero_ps();
       for (int c = 0; c < C; ++c) {
         const __m512 qv = _mm512_loadu_ps(qf + (g * C + c) * 16);
-        const __mmask16 m = c == C - 1 ? tail : full;
-        for (int j = 0; j < 16; ++j)
-          dots[j] = _mm512_fmadd_ps(qv, load_f32(k[t0 + j] + c * 16, m), dots[j]);
+        for (int j = 0; j < 16; ++j) dots[j] = _mm512_fmadd_ps(qv, key(t0, j, c), dots[j]);
       }
       _mm512_storeu_ps(scores + g * padded + t0, reduce16(dots));
     }
@@ -281,17 +292,45 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
     }
     max[g] = _mm512_cvtss_f32(mx);
     sum[g] = _mm512_reduce_add_ps(sv);
-    const float inv = 1.f / sum[g];
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; ++t) {
-      if (g == 0 && t + kAhead < len) prefetch_row(v[t + kAhead], D);
-      const __m512 pt = _mm512_set1_ps(s[t]);
-      for (int c = 0; c < C; ++c)
-        acc[c] = _mm512_fmadd_ps(pt, load_f32(v[t] + c * 16, c == C - 1 ? tail : full), acc[c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g * C + c) * 16, _mm512_setzero_ps());
+  }
+  // out[g] += sum_t p[g][t] v[t]: a bf16 cache's values widened kVB tokens at a time into vbuf,
+  // every head summing from there (its C accumulators loaded from out and stored back once a
+  // pass); a float32 cache read in place, each head in one pass.
+  constexpr int64_t kVB = 32;
+  alignas(64) float vbuf[kWiden ? kVB * C * 16 : 16];
+  const int64_t step = kWiden ? kVB : len;
+  for (int64_t t0 = 0; t0 < len; t0 += step) {
+    const int64_t n = std::min(step, len - t0);
+    if constexpr (kWiden) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (t0 + j + kAhead < len) prefetch_row(v[t0 + j + kAhead], D);
+        for (int c = 0; c < C; ++c)
+          _mm512_store_ps(vbuf + (j * C + c) * 16, load_f32(v[t0 + j] + c * 16, c == C - 1 ? tail : full));
+      }
     }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* s = scores + g * padded + t0;
+      __m512 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(out + (g * C + c) * 16);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 pt = _mm512_set1_ps(s[j]);
+        if constexpr (kWiden) {
+          for (int c = 0; c < C; ++c)
+            acc[c] = _mm512_fmadd_ps(pt, _mm512_load_ps(vbuf + (j * C + c) * 16), acc[c]);
+        } else {
+          if (g == 0 && t0 + j + kAhead < len) prefetch_row(v[t0 + j + kAhead], D);
+          for (int c = 0; c < C; ++c)
+            acc[c] = _mm512_fmadd_ps(pt, load_f32(v[t0 + j] + c * 16, c == C - 1 ? tail : full), acc[c]);
+        }
+      }
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g * C + c) * 16, acc[c]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(1.f / sum[g]);
     for (int c = 0; c < C; ++c)
-      _mm512_storeu_ps(out + (g * C + c) * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+      _mm512_storeu_ps(out + (g * C + c) * 16, _mm512_mul_ps(_mm512_loadu_ps(out + (g * C + c) * 16), inv));
   }
 }
 
