@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from thrifty import LLM, SamplingParams
+from thrifty.kernels import ggml as ggml_kernels
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +62,31 @@ def test_qwen_greedy_matches_transformers(qwen_gguf, transformers_gguf):
     assert "def " in llm.tokenizer.decode(ours[0])
 
 
+# Where the GGUF kernels round x to int16 (the AVX2 build), one row of x and eight go through
+# different kernels (gemv1_i16 and the tiled GEMV; a prompt alone through the int16 GEMM, eight
+# together through the dequantizing one), which sum in other orders: float32 noise that can tip
+# a near tie. Greedy outputs may then part at a token whose two best logprobs were this close.
+NEAR_TIE = 0.05
+
+
 def test_batched_equals_unbatched(smollm2_fp32):
     # fp32: bf16 matmuls round differently at different batch sizes, so bf16 greedy outputs may
     # part ways after a near tie (as in other engines).
     llm = smollm2_fp32
     topics = ["the sea", "a cat", "Rome", "coffee", "winter", "trains", "music", "bees"]
     prompts = [_chat_ids(llm, f"Write one sentence about {t}.") for t in topics]
-    params = SamplingParams(max_tokens=32, temperature=0)
-    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
-    assert together == alone
-    assert len(set(map(tuple, together))) == len(prompts)
+    params = SamplingParams(max_tokens=32, temperature=0, logprobs=2)
+    together = [o.outputs[0] for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+    if not ggml_kernels.quantizes_x():
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    for t, a in zip(together, alone, strict=True):
+        pairs = zip(t.token_ids, a.token_ids, strict=False)  # they may part and end apart
+        i = next((i for i, (x, y) in enumerate(pairs) if x != y), None)
+        if i is None:
+            assert t.token_ids == a.token_ids
+            continue
+        (_, first), (_, second) = a.logprobs[i].top
+        assert first - second < NEAR_TIE, (i, a.logprobs[i].top, t.logprobs[i].top)
+        assert t.token_ids[i] in [tok for tok, _ in a.logprobs[i].top]
+    assert len({tuple(o.token_ids) for o in together}) == len(prompts)
