@@ -1,14 +1,16 @@
 """Paged decode attention (csrc/cpu_ops.cpp) at one query token: microseconds per call.
 
-SmolLM2's shape (9 query heads over 3 KV heads of 64 dims), one sequence, its keys and values in
-blocks of 16 read through the block table, float32 and bf16, 1 and 2 threads; the compiled path
-is the CPU's (AVX-512, AVX2, or the scalar loop):
+SmolLM2's shape (9 query heads over 3 KV heads of 64 dims; `--heads 14 --kv-heads 2`:
+Qwen2.5-0.5B's), one sequence, its keys and values in blocks of 16 read through the block
+table, float32 and bf16, 1 and 2 threads; the compiled path is the CPU's (AVX-512, AVX2, or the
+scalar loop):
 
-    .venv/bin/python benchmarks/decode_attention.py
+    .venv/bin/python benchmarks/decode_attention.py [--heads 14 --kv-heads 2] [--lengths 1000,4000]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -16,15 +18,22 @@ import torch
 
 from thrifty import kernels
 
-H, HKV, D, BLOCK = 9, 3, 64, 16
+D, BLOCK = 64, 16
 
 
 def main() -> None:
-    print(f"threads up to 2, load average {os.getloadavg()[0]:.1f}")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--lengths", default="64,200,1000,2000")
+    args = p.parse_args()
+    H, HKV = args.heads, args.kv_heads  # noqa: N806
+    print(f"{H} query heads over {HKV} KV heads of {D} dims, threads up to 2, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| dtype | context | threads | us per call |")
     print("|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        for length in (64, 200, 1000, 2000):
+        for length in map(int, args.lengths.split(",")):
             blocks = length // BLOCK + 2
             k_cache = torch.randn(blocks + 1, BLOCK, HKV, D).to(dtype)
             v_cache = torch.randn_like(k_cache)
