@@ -237,8 +237,9 @@ void attend_tasks(const R* kc, const R* vc, const int64_t* tables, const int64_t
 // of token t, len + 15 of them (the extra repeat the last row, or are the next part's). qf:
 // (G, C, 16) scaled queries; scores: G * padded floats of scratch; out: (G, C, 16), each head's
 // softmax-weighted values; max, sum: G floats, each head's largest score and its sum of
-// exp(s - max), what merge_parts needs. Scores go 16 tokens per pass, 16 dot products folded by one transpose-add; the
-// weighted sum of values keeps the C accumulators of one head in registers.
+// exp(s - max), what merge_parts needs. Scores go 16 tokens per pass, 16 dot products folded by
+// one transpose-add; the weighted sum of values keeps the C accumulators of one head in
+// registers.
 template <typename R, int C>
 void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t len, int64_t G,
                  int64_t D, __mmask16 tail, float* scores, float* max, float* sum, float* out) {
@@ -253,9 +254,13 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
   // at 64 dims; vbuf: kVB values), not once per head as they are dotted: Qwen2.5's 7 heads a
   // kv head did the widening 7 times over. Each head still sums its tokens in order.
   alignas(64) float kbuf[kWiden ? 16 * C * 16 : 16];
+  // Chunk c of a cache row as float32, the lanes past D zero.
+  auto chunk = [&](const R* row, int c) {
+    return load_f32(row + c * 16, c == C - 1 ? tail : full);
+  };
   auto key = [&](int64_t t0, int j, int c) -> __m512 {
     if constexpr (kWiden) return _mm512_load_ps(kbuf + (j * C + c) * 16);
-    else return load_f32(k[t0 + j] + c * 16, c == C - 1 ? tail : full);
+    else return chunk(k[t0 + j], c);
   };
   for (int64_t t = 0; t < std::min<int64_t>(16, len); ++t) prefetch_row(k[t], D);
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
@@ -263,7 +268,7 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
     if constexpr (kWiden)
       for (int j = 0; j < 16; ++j)
         for (int c = 0; c < C; ++c)
-          _mm512_store_ps(kbuf + (j * C + c) * 16, load_f32(k[t0 + j] + c * 16, c == C - 1 ? tail : full));
+          _mm512_store_ps(kbuf + (j * C + c) * 16, chunk(k[t0 + j], c));
     for (int64_t g = 0; g < G; ++g) {
       __m512 dots[16];
       for (int j = 0; j < 16; ++j) dots[j] = _mm512_setzero_ps();
@@ -306,7 +311,7 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
       for (int64_t j = 0; j < n; ++j) {
         if (t0 + j + kAhead < len) prefetch_row(v[t0 + j + kAhead], D);
         for (int c = 0; c < C; ++c)
-          _mm512_store_ps(vbuf + (j * C + c) * 16, load_f32(v[t0 + j] + c * 16, c == C - 1 ? tail : full));
+          _mm512_store_ps(vbuf + (j * C + c) * 16, chunk(v[t0 + j], c));
       }
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -321,7 +326,7 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
         } else {
           if (g == 0 && t0 + j + kAhead < len) prefetch_row(v[t0 + j + kAhead], D);
           for (int c = 0; c < C; ++c)
-            acc[c] = _mm512_fmadd_ps(pt, load_f32(v[t0 + j] + c * 16, c == C - 1 ? tail : full), acc[c]);
+            acc[c] = _mm512_fmadd_ps(pt, chunk(v[t0 + j], c), acc[c]);
         }
       }
       for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g * C + c) * 16, acc[c]);
@@ -329,8 +334,10 @@ void attend_task(const float* qf, const R* const* k, const R* const* v, int64_t 
   }
   for (int64_t g = 0; g < G; ++g) {
     const __m512 inv = _mm512_set1_ps(1.f / sum[g]);
-    for (int c = 0; c < C; ++c)
-      _mm512_storeu_ps(out + (g * C + c) * 16, _mm512_mul_ps(_mm512_loadu_ps(out + (g * C + c) * 16), inv));
+    for (int c = 0; c < C; ++c) {
+      float* o = out + (g * C + c) * 16;
+      _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), inv));
+    }
   }
 }
 
@@ -487,7 +494,8 @@ void attend_simd8(const T* q, const KV* k_cache, const KV* v_cache, const int64_
   const int64_t G = H / Hkv;
   auto load_q = [&](int64_t b, int64_t kvh, float* qf) {
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
+      for (int64_t d = 0; d < D; ++d)
+        qf[g * D + d] = to_float(q[(b * H + kvh * G + g) * D + d]) * scale;
   };
   auto attend = [&](const float* qf, const R* const* k, const R* const* v, int64_t len,
                     std::vector<float>& scores, float* m, float* z, float* r) {

@@ -751,24 +751,34 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
   const auto opts = x.options().dtype(at::kFloat);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
-#if defined(__AVX512BF16__)
-#if defined(__AVX512F__)
-  // q4 at one row of bf16 x goes to the int16 GEMV below (AVX2 instructions; the offsets and
-  // the rounding of x as on AVX2): on a Zen 5, 1.0-1.6x the speed of the BF16 dot products
+  // Integer dot products on x rounded to int16 (quantize_x): on AVX2 every format (K in groups
+  // of 32); in the AVX-512 build, q4 at one row of bf16 x (AVX2 instructions; the offsets and the
+  // rounding of x as on AVX2), which on a Zen 5 ran 1.0-1.6x the speed of the BF16 dot products
   // (Q4_K 896 x 4864: 18 -> 27-29 GB/s from memory, two threads), where for q5 and q8 the
   // AVX-512 paths are as fast or faster. (Measured, not derived: the pair path has fewer
   // instructions per weight.)
-  if (bf16 && fmt == kQ4 && M == 1) {
+#if defined(__AVX512F__)
+  const bool int16_x = bf16 && fmt == kQ4 && M == 1;
+#else
+  const bool int16_x = G == 32 || L.K % 32 == 0;
+#endif
+  if (int16_x) {
     const void* sc = scale.data_ptr();
     on_int16_x(L, x2, bias, y, fmt, G,
                [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
                    auto* yp) {
                  using Tag = decltype(f);
+#if !defined(__AVX512F__)  // the AVX-512 build takes one row only
+                 if (M > 1) {
+                   gemv_i16<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp, M);
+                   return;
+                 }
+#endif
                  gemv1_i16<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp);
                });
     return shaped(y, x);
   }
-#endif
+#if defined(__AVX512BF16__)
   if (bf16 && fmt != kQ8) {  // AVX-512 BF16 dot products over the nibbles (pair_step)
     torch::Tensor xsum = torch::empty({M, L.groups}, opts);
     const int64_t Kp = (L.groups + 1) / 2 * 64;
@@ -783,22 +793,6 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
     } else {
       gemv_bf16<kQ5>(L, xpp, Kp, xsum.data_ptr<float>(), wp, scale.data_ptr<float>(), bp, yp, M);
     }
-    return shaped(y, x);
-  }
-#endif
-#if !defined(__AVX512F__)
-  if (G == 32 || L.K % 32 == 0) {  // integer dot products on x rounded to int16 (quantize_x)
-    const void* sc = scale.data_ptr();
-    on_int16_x(L, x2, bias, y, fmt, G,
-               [&](auto f, const int16_t* qp, const float* dp, const float* sp, const auto* bp,
-                   auto* yp) {
-                 using Tag = decltype(f);
-                 if (M == 1) {
-                   gemv1_i16<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp);
-                 } else {
-                   gemv_i16<Tag::format, Tag::group>(L, qp, dp, sp, wp, sc, bp, yp, M);
-                 }
-               });
     return shaped(y, x);
   }
 #endif
