@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from thrifty.kernels.build import CSRC, Kernel, cpu_has
 from thrifty.quant import ggml
 
-_FORMATS = {"q4": 0, "q5": 1, "q8": 2}
+_FORMATS = {"q4": 0, "q5": 1, "q8": 2, "q4p": 3, "q5p": 4}
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma", "f16c")
 _AVX2 = ("avx2", "fma", "f16c")
 _FALLBACK = "the torch reference (dequantizes the whole weight on every call)"
@@ -71,6 +71,20 @@ def i16_rows() -> int:
     return ext.i16_rows if ext is not None else 0
 
 
+def takes_panels() -> bool:
+    """Whether this CPU's build runs q4 / q5 weights in panels of 16 rows (csrc/ggml_panels.h:
+    AVX-512 BF16, bf16 x), the layout the loader then gives them."""
+    ext = _extension()
+    return ext is not None and bool(ext.panels)
+
+
+def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`thrifty.quant.ggml.to_panels`, its bytes laid out by the compiled kernels."""
+    fmt, _ = ggml.format_of(weight, scale)
+    packed = _extension().ggml_to_panels(weight, scale.float(), _FORMATS[fmt])
+    return packed, ggml.panel_scales(scale)
+
+
 def takes_half_scales() -> bool:
     """Whether this CPU's kernels read float16 scales as they are (the AVX2 build, and the
     torch reference); the AVX-512 build takes float32 (the loader widens them for it)."""
@@ -105,10 +119,13 @@ def linear_kernel(
     if ext is None or not (weight.is_contiguous() and scale.is_contiguous()):
         return lambda x: ggml.reference_linear(x, weight, scale, bias)
     code, linear_rows = _FORMATS[fmt], ext.ggml_linear
+    if fmt in ggml.PANEL_FORMATS and not ext.panels:
+        return lambda x: ggml.reference_linear(x, weight, scale, bias)
+    dtypes = (torch.bfloat16,) if fmt in ggml.PANEL_FORMATS else (torch.bfloat16, torch.float32)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # x.is_cpu, not x.device.type: 0.06 us against 0.5, on ~120 calls a decode step
-        if not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32):
+        if not x.is_cpu or x.dtype not in dtypes:
             return ggml.reference_linear(x, weight, scale, bias)
         return linear_rows(x, weight, scale, bias, code, group)
 
@@ -213,7 +230,12 @@ def native_rows(weight: torch.Tensor, scale: torch.Tensor) -> tuple | None:
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The whole weight in `dtype` (compiled where it can be; the reference otherwise)."""
-    if weight.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and available():
-        fmt, group = ggml.format_of(weight, scale)
+    fmt, group = ggml.format_of(weight, scale)
+    if (
+        weight.device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float32)
+        and fmt not in ggml.PANEL_FORMATS
+        and available()
+    ):
         return _extension().ggml_dequantize(weight, scale, _FORMATS[fmt], group, dtype)
     return ggml.dequantize(weight, scale, dtype)

@@ -203,9 +203,17 @@ class GgufWeights:
         from thrifty.kernels import ggml as ggml_kernels  # it imports the models' layers
 
         half = not self.scales or ggml_kernels.takes_half_scales()
+        panels = self.dtype == torch.bfloat16 and ggml_kernels.takes_panels()
         for target, scale in self.scales.items():
             module = self.modules[target.rpartition(".")[0]]
-            # The AVX-512 kernels read float32 scales: widened once here, exactly.
+            if panels and isinstance(module, Linear) and ggml.fits_panels(module.weight, scale):
+                # q4 / q5 for the kernel that takes every batch size (csrc/ggml_panels.h),
+                # float16 scales kept: it widens 16 rows' at a time
+                weight, scale = ggml_kernels.to_panels(module.weight.data, scale)
+                module.weight = nn.Parameter(weight, requires_grad=False)
+                module.weight_scale_inv = scale
+                continue
+            # The AVX-512 row kernels read float32 scales: widened once here, exactly.
             module.weight_scale_inv = scale if half else scale.float()
             if isinstance(module, Embedding):
                 module.out_dtype = self.dtype
@@ -235,7 +243,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     done: dict[int, nn.Parameter] = {}
     for module in model.modules():
         scale = getattr(module, "weight_scale_inv", None)
-        if not isinstance(module, Linear | Embedding) or scale is None or scale.dim() != 3:
+        if not isinstance(module, Linear | Embedding) or scale is None or scale.dim() < 3:
             continue
         w = module.weight
         if id(w) not in done:

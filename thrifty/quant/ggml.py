@@ -30,10 +30,15 @@ from gguf.quants import Q4_K
 GROUP = 32  # weights per q4 / q5 group
 SCALE_DTYPES = (torch.float32, torch.float16)
 _Q5_GROUP_BYTES = 20
+PANEL_ROWS = 16  # output rows per panel (q4p / q5p)
+_PANEL_BYTES = {"q4p": 256, "q5p": 320}  # bytes per panel and group of 32 columns
+PANEL_FORMATS = tuple(_PANEL_BYTES)
 
 
 def format_of(weight: torch.Tensor, scale: torch.Tensor) -> tuple[str, int]:
     """(format, group size) of a repacked weight and its scale; ValueError if they do not fit."""
+    if scale.dim() == 4:
+        return _panel_format(weight, scale), GROUP
     n, groups = weight.shape[0], scale.shape[-1]
     if scale.dtype not in SCALE_DTYPES or scale.dim() != 3 or scale.shape[0] != n or groups == 0:
         raise ValueError(
@@ -54,9 +59,107 @@ def format_of(weight: torch.Tensor, scale: torch.Tensor) -> tuple[str, int]:
     )
 
 
+def _panel_format(weight: torch.Tensor, scale: torch.Tensor) -> str:
+    panels, groups = scale.shape[0], scale.shape[1]
+    if (
+        scale.dtype in SCALE_DTYPES
+        and scale.shape[2:] == (2, PANEL_ROWS)
+        and weight.dtype == torch.uint8
+        and weight.dim() == 2
+        and weight.shape[0] == panels
+        and groups > 0
+    ):
+        for fmt, nbytes in _PANEL_BYTES.items():
+            if weight.shape[1] == groups * nbytes:
+                return fmt
+    raise ValueError(
+        f"no GGUF panel format has a {weight.dtype} weight {tuple(weight.shape)} with scale "
+        f"{scale.dtype} {tuple(scale.shape)}"
+    )
+
+
 def in_features(weight: torch.Tensor, scale: torch.Tensor) -> int:
     fmt, group = format_of(weight, scale)
+    if fmt in _PANEL_BYTES:
+        return scale.shape[1] * group
     return weight.shape[1] if fmt == "q8" else scale.shape[-1] * group
+
+
+def out_features(weight: torch.Tensor, scale: torch.Tensor) -> int:
+    fmt, _ = format_of(weight, scale)
+    return weight.shape[0] * (PANEL_ROWS if fmt in _PANEL_BYTES else 1)
+
+
+# --- panels: q4 / q5 laid out for the CPU kernel that takes every batch size ------------------
+#
+# Panel p holds output rows 16p .. 16p + 15. Per group g of 32 columns, 16 steps j, each the
+# columns 2j, 2j + 1 of the 16 rows: lane L = 2i + e is row i's column 2j + e. The group's 256
+# bytes are 4 chunks of 32 little-endian 16-bit words, nibble s of chunk c's word L holding the
+# low 4 bits of step 4c + s's lane L; q5 adds 64 bytes, step j's uint32 whose bit L is bit 4 of
+# its lane L. The scale (panels, groups, 2, 16) holds d and m of the 16 rows, float16 where the file's are.
+
+
+def _q_values(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """q (N, groups, 32) as uint8 of a row-major q4 / q5 weight."""
+    n, groups = weight.shape[0], scale.shape[-1]
+    nibbles = weight.view(n, groups, -1)[..., :16]
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)
+    if fmt == "q5":
+        high = weight.view(n, groups, _Q5_GROUP_BYTES)[..., 16:, None]
+        bits = (high >> torch.arange(8, dtype=torch.uint8, device=weight.device)) & 1
+        q = q | (bits.reshape(n, groups, GROUP) << 4)
+    return q
+
+
+def fits_panels(weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether a repacked weight can go in panels: q4 / q5, its rows in sixteens."""
+    return format_of(weight, scale)[0] in ("q4", "q5") and weight.shape[0] % PANEL_ROWS == 0
+
+
+def panel_scales(scale: torch.Tensor) -> torch.Tensor:
+    """A q4 / q5 weight's scales (N, 2, groups) as its panels take them: (N / 16, groups, 2,
+    16), in their own dtype."""
+    n, groups = scale.shape[0], scale.shape[-1]
+    return scale.view(n // PANEL_ROWS, PANEL_ROWS, 2, groups).permute(0, 3, 2, 1).contiguous()
+
+
+def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-major q4 / q5 weight (N a multiple of 16) in panels: (weight, scale) as q4p / q5p,
+    the same values, the scales in their own dtype. (The kernels' own `ggml_to_panels` lays out
+    the bytes the same way, faster.)"""
+    if not fits_panels(weight, scale):
+        raise ValueError("only q4 / q5 weights with rows in sixteens go in panels")
+    fmt, _ = format_of(weight, scale)
+    n, groups = weight.shape[0], scale.shape[-1]
+    panels = n // PANEL_ROWS
+    q = _q_values(weight, scale, fmt).to(torch.int32)
+    # (panels, 16 rows i, groups, 16 steps j, 2 e) -> (panels, groups, j, lane 2i + e)
+    lanes = q.view(panels, PANEL_ROWS, groups, 16, 2).permute(0, 2, 3, 1, 4)
+    lanes = lanes.reshape(panels, groups, 4, 4, 2 * PANEL_ROWS)  # (.., chunk c, nibble s, L)
+    shifts = (4 * torch.arange(4, dtype=torch.int32)).view(1, 1, 1, 4, 1)
+    words = ((lanes & 0x0F) << shifts).sum(dim=3).to(torch.int16)  # (panels, groups, 4, 32)
+    parts = [words.reshape(panels, groups, -1).view(torch.uint8)]
+    if fmt == "q5":
+        bits = ((lanes >> 4) & 1).reshape(panels, groups, 16, 2 * PANEL_ROWS).to(torch.int64)
+        plane = (bits << torch.arange(32, dtype=torch.int64)).sum(dim=-1).to(torch.int32)
+        parts.append(plane.view(torch.uint8))
+    return torch.cat(parts, dim=-1).reshape(panels, -1).contiguous(), panel_scales(scale)
+
+
+def _panel_q(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """q (N, groups, 32) of a weight in panels."""
+    panels, groups = scale.shape[0], scale.shape[1]
+    per_group = weight.view(panels, groups, _PANEL_BYTES[fmt])
+    words = per_group[..., :256].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    shifts = (4 * torch.arange(4, dtype=torch.int32)).view(1, 1, 1, 4, 1)
+    q = (words.view(panels, groups, 4, 1, 32) >> shifts) & 0x0F  # (.., chunk, s, L)
+    q = q.reshape(panels, groups, 16, 2 * PANEL_ROWS)
+    if fmt == "q5p":
+        plane = per_group[..., 256:].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        q = q | (((plane[..., None] >> torch.arange(32, dtype=torch.int64)) & 1) << 4).to(q.dtype)
+    # (panels, groups, j, i, e) -> (panels, i, groups, j, e)
+    q = q.view(panels, groups, 16, PANEL_ROWS, 2).permute(0, 3, 1, 2, 4)
+    return q.reshape(panels * PANEL_ROWS, groups, GROUP)
 
 
 def dequantize(
@@ -64,17 +167,18 @@ def dequantize(
 ) -> torch.Tensor:
     """The (N, K) matrix d * q + m in float32, rounded once to `dtype`."""
     fmt, group = format_of(weight, scale)
+    if fmt in _PANEL_BYTES:
+        q = _panel_q(weight, scale, fmt)
+        dm = scale.float().permute(0, 3, 2, 1).reshape(q.shape[0], 2, -1)  # (N, 2, groups)
+        return torch.addcmul(dm[:, 1, :, None], dm[:, 0, :, None], q.float()).reshape(
+            q.shape[0], -1
+        ).to(dtype)
     n, groups = weight.shape[0], scale.shape[-1]
     scale = scale.float()  # exact from float16
     if fmt == "q8":
         q = weight.view(n, groups, group).float()
         return (q * scale[:, 0, :, None]).reshape(n, -1).to(dtype)
-    nibbles = weight.view(n, groups, -1)[..., :16]
-    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # (N, groups, 32)
-    if fmt == "q5":
-        high = weight.view(n, groups, _Q5_GROUP_BYTES)[..., 16:, None]
-        bits = (high >> torch.arange(8, dtype=torch.uint8, device=weight.device)) & 1
-        q = q | (bits.reshape(n, groups, GROUP) << 4)
+    q = _q_values(weight, scale, fmt)  # (N, groups, 32)
     # d q is exact in float32, so adding m rounds once, as gguf's d * q + m does.
     w = torch.addcmul(scale[:, 1, :, None], scale[:, 0, :, None], q.float())
     return w.reshape(n, -1).to(dtype)

@@ -30,6 +30,9 @@
 #include <vector>
 
 #include "gemv_tiles.h"
+#if defined(__AVX512BF16__)
+#include "ggml_panels.h"
+#endif
 #include "linear_abi.h"
 #include "panel_gemm.h"
 #include "vec16.h"
@@ -38,7 +41,8 @@ namespace {
 
 namespace V = thrifty_vec;
 
-enum Format : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2 };
+// kQ4P, kQ5P: q4 and q5 in panels of 16 rows (ggml_panels.h; AVX-512 BF16 builds only).
+enum Format : int64_t { kQ4 = 0, kQ5 = 1, kQ8 = 2, kQ4P = 3, kQ5P = 4 };
 
 constexpr int kMaxMB = 8;  // rows of x per pass over a tile of W: each group decoded once for them
 #ifndef KAHEAD
@@ -930,10 +934,98 @@ constexpr int64_t kI16Rows = 0;
 constexpr int64_t kI16Rows = 64;
 #endif
 
+#if defined(__AVX512BF16__)
+#ifndef PGR
+#define PGR 64
+#endif
+constexpr int64_t kPanelGemmRows = PGR;
+// y = x @ W^T + b for bf16 x and a weight in panels (ggml_panels.h): (panels, groups * 256 or
+// 320) bytes, scale float32 (panels, groups, 2, 16) of d and m.
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                           const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
+                           int64_t fmt) {
+  namespace P = ggml_panels;
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && scale.device().is_cpu() && x.device().is_cpu(),
+                    "ggml: CPU tensors only");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16, "ggml: a weight in panels takes bf16 x");
+  const bool half = scale.scalar_type() == at::kHalf;
+  TORCH_CHECK_VALUE((half || scale.scalar_type() == at::kFloat) && scale.dim() == 4 &&
+                        scale.is_contiguous() && scale.size(2) == 2 && scale.size(3) == P::kRows,
+                    "ggml: panel scales must be contiguous float32 or float16 (panels, groups, 2, "
+                    "16)");
+  const P::Panels L{fmt == kQ5P, scale.size(0), scale.size(1), scale.size(1) * 32};
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kByte && weight.dim() == 2 &&
+                        weight.is_contiguous() && weight.size(0) == L.panels &&
+                        weight.size(1) == L.groups * L.group_bytes(),
+                    "ggml: a weight in panels must be contiguous uint8 (panels, groups * ",
+                    L.group_bytes(), ")");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == L.K, "ggml: x is ", x.sizes(),
+                    " but the weight has ", L.K, " columns");
+  const int64_t N = L.panels * P::kRows;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 &&
+                          bias->size(0) == N && bias->is_contiguous() && bias->device().is_cpu(),
+                      "ggml: bias must be a contiguous vector of out_features in x's dtype");
+  }
+  const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
+  const int64_t M = x2.size(0);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return shaped(y, x);
+  torch::Tensor xsum = torch::empty({M, L.groups}, x.options().dtype(at::kFloat));
+  auto xp = reinterpret_cast<const uint16_t*>(x2.data_ptr());
+  auto wp = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  auto bp = bias ? reinterpret_cast<const uint16_t*>(bias->data_ptr()) : nullptr;
+  auto yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  auto run = [&](const auto* sp) {
+    using S = std::remove_cv_t<std::remove_pointer_t<decltype(sp)>>;
+    if (M > kPanelGemmRows) {  // prefill: dequantized panels through torch's matmul
+      const int64_t rows = thrifty_panel::panel_rows(N, kMinPanelRows, kPanelRows);
+      thrifty_panel::panel_gemm(x2, bias.value_or(torch::Tensor()), y, rows,
+                                [&](int64_t n0, int64_t n1, torch::Tensor& w) {
+                                  auto out = reinterpret_cast<uint16_t*>(w.data_ptr());
+                                  const int64_t q0 = n0 / P::kRows, q1 = n1 / P::kRows;
+                                  if (L.q5) {
+                                    P::dequant<true, S>(L, wp, sp, q0, q1, out);
+                                  } else {
+                                    P::dequant<false, S>(L, wp, sp, q0, q1, out);
+                                  }
+                                });
+      return;
+    }
+    P::group_sums(xp, M, L.K, xsum.data_ptr<float>());
+    if (L.q5) {
+      P::gemm<true, S>(L, wp, sp, xp, xsum.data_ptr<float>(), M, bp, yp);
+    } else {
+      P::gemm<false, S>(L, wp, sp, xp, xsum.data_ptr<float>(), M, bp, yp);
+    }
+  };
+  if (half) {
+    run(reinterpret_cast<const uint16_t*>(scale.data_ptr()));
+  } else {
+    run(scale.data_ptr<float>());
+  }
+  return shaped(y, x);
+}
+// A row-major q4 / q5 weight's bytes in panels (ggml_panels.h; the scales are the caller's).
+torch::Tensor ggml_to_panels(const torch::Tensor& weight, const torch::Tensor& scale, int64_t fmt) {
+  const Layout L = check(weight, scale, fmt, 32);
+  TORCH_CHECK_VALUE(fmt != kQ8 && L.N % ggml_panels::kRows == 0,
+                    "ggml: only q4 / q5 weights with rows in sixteens go in panels");
+  const ggml_panels::Panels P{fmt == kQ5, L.N / ggml_panels::kRows, L.groups, L.K};
+  torch::Tensor out = torch::empty({P.panels, P.groups * P.group_bytes()}, weight.options());
+  ggml_panels::to_panels(reinterpret_cast<const uint8_t*>(weight.data_ptr()), L.N, L.groups,
+                         P.q5, reinterpret_cast<uint8_t*>(out.data_ptr()));
+  return out;
+}
+#endif
+
 // The path for x's row count: what a Linear calls, from Python or from the decode layer loop.
 torch::Tensor ggml_linear(const torch::Tensor& x, const torch::Tensor& weight,
                           const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
                           int64_t fmt, int64_t G) {
+#if defined(__AVX512BF16__)
+  if (fmt == kQ4P || fmt == kQ5P) return panel_linear(x, weight, scale, bias, fmt);
+#endif
   const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0;
   if (M <= kGemvRows) return ggml_gemv(x, weight, scale, bias, fmt, G);
 #if !defined(__AVX512F__)
@@ -955,6 +1047,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("gemv_rows") = kGemvRows;
   m.attr("half_scales") = kHalfScales;
   m.attr("i16_rows") = kI16Rows;
+#if defined(__AVX512BF16__)
+  m.attr("panels") = true;  // q4 / q5 in panels of 16 rows, for bf16 x
+  m.def("ggml_to_panels", &ggml_to_panels, "a q4 / q5 weight's bytes in panels of 16 rows");
+#else
+  m.attr("panels") = false;
+#endif
   m.def("ggml_gemv", &ggml_gemv, "y = x @ W^T + b, few rows of x, W read once, quantized");
   m.def("ggml_gemm", &ggml_gemm, "y = x @ W^T + b, a dequantized panel of W at a time");
   m.def("ggml_rows", &ggml_rows, "rows ids of W, dequantized");
