@@ -207,6 +207,92 @@ def test_as_q8_is_exact_or_refused():
         assert ggml.as_q8(weight, scale, 32) is None
 
 
+# --- q4 / q5 in panels of 16 rows (csrc/ggml_panels.h) ---------------------------------------
+
+PANEL_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K]
+
+
+def _panel_cols(qtype: T) -> int:
+    return 768 if qtype == T.Q4_K else 352  # whole 256-blocks; else 11 groups of 32
+
+
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda t: t.name)
+def test_panels_hold_the_same_weights(compiled, qtype):
+    n, k = 48, _panel_cols(qtype)  # 3 panels
+    weight, scale = ggml.repack(_blocks(qtype, n, k, np.random.default_rng(5)), qtype, (n, k))
+    panels = ggml.to_panels(weight, scale)
+    fmt = FORMATS[qtype][0] + "p"
+    assert ggml.format_of(*panels) == (fmt, 32)
+    assert (ggml.in_features(*panels), ggml.out_features(*panels)) == (k, n)
+    assert panels[1].dtype == scale.dtype  # float16 where the file's are, kept
+    assert torch.equal(ggml.dequantize(*panels), ggml.dequantize(weight, scale))
+    if kernels.takes_panels():  # the compiled layout, byte for byte
+        native = kernels.to_panels(weight, scale)
+        assert torch.equal(native[0], panels[0]) and torch.equal(native[1], panels[1])
+
+
+def test_only_q4_and_q5_in_sixteens_go_in_panels():
+    rng = np.random.default_rng(6)
+    q8 = ggml.repack(_blocks(T.Q8_0, 16, 64, rng), T.Q8_0, (16, 64))
+    q4 = ggml.repack(_blocks(T.Q4_0, 24, 64, rng), T.Q4_0, (24, 64))
+    for weight, scale in (q8, q4):
+        assert not ggml.fits_panels(weight, scale)
+        with pytest.raises(ValueError, match="sixteens"):
+            ggml.to_panels(weight, scale)
+    weight, scale = ggml.to_panels(*ggml.repack(_blocks(T.Q4_0, 16, 64, rng), T.Q4_0, (16, 64)))
+    with pytest.raises(ValueError, match="panel format"):
+        ggml.format_of(weight[:, :-1], scale)
+
+
+@pytest.fixture(scope="module")
+def panel_kernels(compiled):
+    if not kernels.takes_panels():
+        pytest.skip("the panel kernel needs AVX-512 BF16")
+
+
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("scales", ["file", "float32"])
+def test_the_panel_kernel_equals_the_reference(panel_kernels, qtype, scales):
+    n, k = 80, _panel_cols(qtype)  # 5 panels: pairs of panels and one left over
+    rng = np.random.default_rng(7)
+    weight, scale = ggml.repack(_blocks(qtype, n, k, rng), qtype, (n, k))
+    weight, scale = ggml.to_panels(weight, scale.float() if scales == "float32" else scale)
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(n, generator=g).bfloat16()
+    # 1-64 rows: the panel kernel, 4 rows of x at a time and the rest; beyond, dequantized
+    # panels through torch's matmul.
+    for rows in (1, 2, 3, 4, 5, 9, 64, 65, 130):
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        for b in (None, bias):
+            want = ggml.reference_linear(x, weight, scale, b).float()
+            got = kernels.linear(x, weight, scale, b)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            # float32 sums in another order, then one rounding to bf16 (of the weights too,
+            # beyond 64 rows)
+            tol = float(want.abs().max()) * (2**-7 if rows > 64 else 2**-8)
+            torch.testing.assert_close(got.float(), want, atol=tol, rtol=0)
+    # float32 x goes to the reference (the kernel takes bf16)
+    x = torch.randn(3, k, generator=g)
+    torch.testing.assert_close(
+        kernels.linear(x, weight, scale, None),
+        ggml.reference_linear(x, weight, scale),
+        atol=0,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0], ids=lambda t: t.name)
+def test_the_panel_kernel_gives_a_row_the_same_output_alone_or_in_a_batch(panel_kernels, qtype):
+    n, k = 48, 256
+    weight, scale = ggml.to_panels(
+        *ggml.repack(_blocks(qtype, n, k, np.random.default_rng(8)), qtype, (n, k))
+    )
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(8)).bfloat16()
+    alone = torch.cat([kernels.linear(x[i : i + 1], weight, scale, None) for i in range(64)])
+    for rows in (2, 3, 5, 8, 64):
+        assert torch.equal(kernels.linear(x[:rows], weight, scale, None), alone[:rows])
+
+
 # --- tiny random models written as GGUF, against transformers on the same file ---------------
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 256, 4, 2, 64, 512, 96
@@ -369,6 +455,9 @@ def test_the_compiled_layer_loop_equals_the_python_one(tiny, compiled, monkeypat
                 logits[native] = model.compute_logits(hidden)
         assert model.compiled_layers().native is not None
         assert torch.equal(logits[True], logits[False])
+    if dtype == torch.bfloat16 and kernels.takes_panels():  # q4 / q5 went in panels at load
+        down = model.model.layers[1].mlp.down_proj  # Q4_K, 256 rows
+        assert ggml.format_of(down.weight, down.weight_scale_inv) == ("q4p", 32)
 
 
 def test_the_cache_keeps_no_weights(tiny):

@@ -96,7 +96,8 @@ def out_features(weight: torch.Tensor, scale: torch.Tensor) -> int:
 # columns 2j, 2j + 1 of the 16 rows: lane L = 2i + e is row i's column 2j + e. The group's 256
 # bytes are 4 chunks of 32 little-endian 16-bit words, nibble s of chunk c's word L holding the
 # low 4 bits of step 4c + s's lane L; q5 adds 64 bytes, step j's uint32 whose bit L is bit 4 of
-# its lane L. The scale (panels, groups, 2, 16) holds d and m of the 16 rows, float16 where the file's are.
+# its lane L. The scale (panels, groups, 2, 16) holds d and m of the 16 rows, float16 where
+# the file's are.
 
 
 def _q_values(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -170,9 +171,11 @@ def dequantize(
     if fmt in _PANEL_BYTES:
         q = _panel_q(weight, scale, fmt)
         dm = scale.float().permute(0, 3, 2, 1).reshape(q.shape[0], 2, -1)  # (N, 2, groups)
-        return torch.addcmul(dm[:, 1, :, None], dm[:, 0, :, None], q.float()).reshape(
-            q.shape[0], -1
-        ).to(dtype)
+        return (
+            torch.addcmul(dm[:, 1, :, None], dm[:, 0, :, None], q.float())
+            .reshape(q.shape[0], -1)
+            .to(dtype)
+        )
     n, groups = weight.shape[0], scale.shape[-1]
     scale = scale.float()  # exact from float16
     if fmt == "q8":

@@ -58,15 +58,15 @@ inline __m512i step_words(__m512i v, const uint8_t* plane, int j) {
   return w;
 }
 
-// y rows m0 .. m0 + MR - 1, columns of panels p0 .. p0 + NR - 1. TC chains of dot products per
-// accumulator: one row of x alone would otherwise wait on each dpbf16's latency.
 // 16 scales as float32: float32 ones as they are, float16 ones (their bits) widened.
 inline __m512 load16(const float* s) { return _mm512_loadu_ps(s); }
 inline __m512 load16(const uint16_t* s) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
 }
 
-template <int MR, int NR, int TC, bool kQ5, typename S>
+// y rows m0 .. m0 + MR - 1, columns of panels p0 .. p0 + NR - 1. Each output is summed in the
+// same order whatever MR and NR are, so a row of x gets the same y alone or in a batch.
+template <int MR, int NR, bool kQ5, typename S>
 inline void micro(const Panels& P, const uint8_t* w, const S* scale, const uint16_t* x,
                   const float* xsum, int64_t p0, int64_t m0, const uint16_t* bias, uint16_t* y,
                   int64_t N) {
@@ -81,10 +81,9 @@ inline void micro(const Panels& P, const uint8_t* w, const S* scale, const uint1
   }
   const __m512 c128 = _mm512_set1_ps(128.f);
   for (int64_t g = 0; g < G; ++g) {
-    __m512 t[TC][MR][NR];
-    for (int u = 0; u < TC; ++u)
-      for (int m = 0; m < MR; ++m)
-        for (int r = 0; r < NR; ++r) t[u][m][r] = _mm512_setzero_ps();
+    __m512 t[MR][NR];  // the group's dot products
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) t[m][r] = _mm512_setzero_ps();
     const uint16_t* xg = x + m0 * K + g * 32;
     for (int r = 0; r < NR; ++r) {  // the streams' lines a group's chunks do not prefetch
       const char* qa = reinterpret_cast<const char*>(q[r] + g * gb + kAhead);
@@ -111,7 +110,7 @@ inline void micro(const Panels& P, const uint8_t* w, const S* scale, const uint1
           std::memcpy(&pair, xg + m * K + 2 * j, sizeof(pair));
           const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
           for (int r = 0; r < NR; ++r)
-            t[kStep % TC][m][r] = _mm512_dpbf16_ps(t[kStep % TC][m][r], (__m512bh)wv[r], xb);
+            t[m][r] = _mm512_dpbf16_ps(t[m][r], (__m512bh)wv[r], xb);
         }
       };
       step(std::integral_constant<int, 0>{});
@@ -124,9 +123,7 @@ inline void micro(const Panels& P, const uint8_t* w, const S* scale, const uint1
       const __m512 d = load16(s);
       const __m512 off = _mm512_fnmadd_ps(c128, d, load16(s + kRows));  // m - 128 d
       for (int m = 0; m < MR; ++m) {
-        __m512 dot = t[0][m][r];
-        for (int u = 1; u < TC; ++u) dot = _mm512_add_ps(dot, t[u][m][r]);
-        acc[m][r] = _mm512_fmadd_ps(dot, d, acc[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(t[m][r], d, acc[m][r]);
         acc[m][r] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[(m0 + m) * G + g]), acc[m][r]);
       }
     }
@@ -151,10 +148,10 @@ inline void rows_block(const Panels& P, const uint8_t* w, const S* scale, const 
                        const float* xsum, int64_t p0, int64_t m0, int mr, const uint16_t* bias,
                        uint16_t* y, int64_t N) {
   switch (mr) {
-    case 1: return micro<1, NR, 2, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
-    case 2: return micro<2, NR, 2, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
-    case 3: return micro<3, NR, 1, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
-    default: return micro<4, NR, 1, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
+    case 1: return micro<1, NR, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
+    case 2: return micro<2, NR, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
+    case 3: return micro<3, NR, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
+    default: return micro<4, NR, kQ5, S>(P, w, scale, x, xsum, p0, m0, bias, y, N);
   }
 }
 
@@ -181,13 +178,12 @@ void gemm_nr(const Panels& P, const uint8_t* w, const S* scale, const uint16_t* 
   });
 }
 
-#ifndef NR1
-#define NR1 4
-#endif
+// One row of x (batch-1 decode) takes 4 panels at a time, more streams in flight; more rows, 2
+// (the accumulators of 4 rows of x for each fill the registers).
 template <bool kQ5, typename S>
 void gemm(const Panels& P, const uint8_t* w, const S* scale, const uint16_t* x,
           const float* xsum, int64_t M, const uint16_t* bias, uint16_t* y) {
-  if (M == 1) return gemm_nr<NR1, kQ5, S>(P, w, scale, x, xsum, M, bias, y);
+  if (M == 1) return gemm_nr<4, kQ5, S>(P, w, scale, x, xsum, M, bias, y);
   gemm_nr<2, kQ5, S>(P, w, scale, x, xsum, M, bias, y);
 }
 
