@@ -415,6 +415,13 @@ def _alive(pid: int) -> bool:
 # against TP=2 with `pytest tests/test_server*.py tests/test_chat_page.py --tensor-parallel-size 2`.
 SERVE = ("--tensor-parallel-size", "2", "--num-threads", "1", "--max-model-len", "512")
 
+# Two ranks sum the row-parallel layers' halves after each rounds its own to bf16, so greedy
+# decoding may part from one process's where two tokens tie within the logits' rounding. "What
+# is the capital of France?" opens on such a tie ("The" against "L", 0.125 apart: one bf16 step
+# of a logit near 16), so a change of kernel flips it; this question's answer parts from its
+# runner-up by 1.1 or more at every token (logprobs, one process, bf16).
+QUESTION = "Name the capital of France."
+
 
 @pytest.mark.slow
 def test_server_with_two_ranks(smollm2_gguf):
@@ -423,7 +430,7 @@ def test_server_with_two_ranks(smollm2_gguf):
     args = (*SERVE, "--kv-cache-dtype", "bfloat16")
     with launch(*args, env={"THRIFTY_API_KEY": KEY}, procs=procs) as url:
         client = openai_client(url)
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question = [{"role": "user", "content": QUESTION}]
         full = client.chat.completions.create(
             model=MODEL, messages=question, max_tokens=16, temperature=0
         )
@@ -468,7 +475,7 @@ def test_a_rank_that_dies_stops_the_server(smollm2_gguf):
 def test_run_with_two_ranks_answers_as_one(smollm2_gguf):
     """`thrifty run --tensor-parallel-size 2` spawns its second rank, answers, and leaves none
     behind: SmolLM2's greedy answer on 2 ranks (3 KV heads: 2 and 1) is one process's."""
-    greedy = ["What is the capital of France?", "--temperature", "0", "--max-tokens", "24"]
+    greedy = [QUESTION, "--temperature", "0", "--max-tokens", "24"]
 
     def run(*extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "thrifty", "run", MODEL, *greedy, *extra]
