@@ -291,9 +291,9 @@ def kernels(args: argparse.Namespace) -> None:
 
 
 def batched(args: argparse.Namespace) -> None:
-    """Aggregate decode tokens per CPU-second at several batch sizes, native then the same
-    model dequantized to bf16, in one process (CPU time: a shared machine's waits for a core
-    do not count)."""
+    """Aggregate decode tokens per CPU-second at several batch sizes, native against the same
+    model dequantized to packed bf16, both loaded in one process and run in turns (`--rounds`,
+    medians; CPU time: a shared machine's waits for a core do not count)."""
     import torch
 
     from thrifty import LLM, SamplingParams
@@ -302,28 +302,34 @@ def batched(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(THREADS)
     batches = (1, 4, 8, 32)
-    print(f"threads {THREADS}, load average {os.getloadavg()[0]:.1f}")
+    print(f"threads {THREADS}, load average {os.getloadavg()[0]:.1f}, {args.rounds} rounds")
     print("| model | batch | native tok/s per CPU-s | bf16 tok/s per CPU-s | native / bf16 |")
     print("|---|---|---|---|---|")
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+    def run(llm, batch: int) -> float:
+        prompts = [f"Write a story about item {i}." for i in range(batch)]
+        llm.generate(prompts, SamplingParams(max_tokens=2))
+        start = time.process_time()
+        llm.generate(prompts, params)
+        return batch * params.max_tokens / (time.process_time() - start)
+
     for key in args.models.split(","):
-        llm = LLM(MODELS[key], num_threads=THREADS, progress=False)
-        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-
-        def run(batch: int, llm=llm, params=params) -> float:
-            prompts = [f"Write a story about item {i}." for i in range(batch)]
-            llm.generate(prompts, SamplingParams(max_tokens=2))
-            start = time.process_time()
-            llm.generate(prompts, params)
-            return batch * params.max_tokens / (time.process_time() - start)
-
-        native = {b: run(b) for b in batches}
-        model = llm.engine.runner.model
+        native = LLM(MODELS[key], num_threads=THREADS, progress=False)
+        dense = LLM(MODELS[key], num_threads=THREADS, progress=False)
+        model = dense.engine.runner.model
         dequantize_model(model, torch.bfloat16)
         pack_linears(model)
-        dense = {b: run(b) for b in batches}
         for b in batches:
-            ratio = native[b] / dense[b]
-            print(f"| {key} | {b} | {native[b]:.1f} | {dense[b]:.1f} | {ratio:.2f}x |", flush=True)
+            got: dict[str, list[float]] = {"native": [], "dense": []}
+            for r in range(args.rounds):
+                order = ("native", "dense") if r % 2 == 0 else ("dense", "native")
+                for name in order:
+                    got[name].append(run(native if name == "native" else dense, b))
+            n, d = statistics.median(got["native"]), statistics.median(got["dense"])
+            pairs = zip(got["native"], got["dense"], strict=True)
+            ratio = statistics.median(a / c for a, c in pairs)
+            print(f"| {key} | {b} | {n:.1f} | {d:.1f} | {ratio:.2f}x |", flush=True)
 
 
 def teacher_forced_perplexity(model, cfg, ids, block: int = 16, kv_cache_dtype=None) -> float:
