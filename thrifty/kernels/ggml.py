@@ -1,6 +1,8 @@
 """GGUF-quantized (q4 / q5 / q8) linear on the CPU, compiled on first use (csrc/ggml_gemv.cpp).
 
-Up to `max_rows()` rows of x a GEMV that reads the quantized bytes once and decodes them in
+q4 / q5 weights in panels (AVX-512 BF16, bf16 x; `takes_panels()`): one kernel for 1-64 rows
+of x (csrc/ggml_panels.h), dequantized panels for torch's matmul beyond. Otherwise: up to
+`max_rows()` rows of x a GEMV that reads the quantized bytes once and decodes them in
 registers; on AVX2, up to `i16_rows()` rows an int16 GEMM blocked for registers (csrc/
 ggml_gemm_i16.h: x rounded to int16 as the GEMV rounds it); beyond, a panel of rows of the
 weight at a time dequantized into x's dtype for torch's matmul (oneDNN, with AMX on a Xeon). All

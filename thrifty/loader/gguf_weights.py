@@ -198,6 +198,7 @@ class GgufWeights:
                 loaded[target] = torch.cat(dense).to(self.device)
                 continue
             loaded[target], self.scales[target] = merged
+        self.shards.clear()  # the shards merged or attached hereafter: free as they are replaced
 
     def attach(self) -> None:
         from thrifty.kernels import ggml as ggml_kernels  # it imports the models' layers

@@ -144,6 +144,7 @@ def load_model(
     for name, tensor in loaded.items():
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    loaded.clear()  # the modules hold them: a weight laid out anew below frees its old bytes
     fp8_weights.attach()
     gguf_weights.attach()
     if cfg.tie_word_embeddings:

@@ -17,6 +17,10 @@ where float32 scales made 24. A K-quant's d * sc is not a float16: its scales ar
 Every product above is exact in float32, so `dequantize` equals gguf's own dequantization bit
 for bit. A weight's format is read off its dtype and shapes (`format_of`): the scale travels
 beside the weight, nothing else does.
+
+On CPUs whose kernels take them (AVX-512 BF16, bf16 activations), q4 and q5 weights are laid out
+again at load in panels of 16 output rows, `q4p` / `q5p` (`to_panels`, below): the same values,
+for the kernel that serves every batch size (csrc/ggml_panels.h).
 """
 
 from __future__ import annotations
