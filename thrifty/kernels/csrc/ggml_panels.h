@@ -11,8 +11,8 @@
 // plane, bit L of step j's uint32 the fifth bit of lane L. Each q becomes the bf16 number 128 + q
 // by ORing 0x4300 into its word (exact for q < 128), so per group
 //   sum_k x_k (d q_k + m) = d sum_k x_k (128 + q_k) + (m - 128 d) sum_k x_k,
-// with d and m (float32, 16 rows each per panel and group) applied once a group to the
-// group's 16 dot products, and x's group sums computed once a call.
+// with d and m (16 rows each per panel and group, float16 where the file's are, else float32)
+// applied once a group to the group's 16 dot products, and x's group sums computed once a call.
 //
 // A micro-kernel keeps MR rows of x times NR panels of accumulators (and as many again for the
 // group's dot products); a panel's bytes are decoded once for the MR rows. Threads split the
