@@ -278,17 +278,26 @@ inline void to_panels(const uint8_t* w, int64_t N, int64_t groups, bool q5, uint
   at::parallel_for(0, P.panels, 16, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t g = 0; g < groups; ++g) {
-        uint16_t words[4][32] = {};
+        uint16_t words[4][32];
         uint32_t plane[16] = {};
         for (int i = 0; i < kRows; ++i) {
           const uint8_t* src = w + (p * kRows + i) * row_bytes + g * (q5 ? 20 : 16);
-          uint32_t high = 0;
-          if (q5) std::memcpy(&high, src + 16, sizeof(high));
-          for (int k = 0; k < 32; ++k) {  // q_k: low nibble of byte k, or high of k - 16
-            const int q = (k < 16 ? src[k] & 0x0F : src[k - 16] >> 4) | ((high >> k & 1) << 4);
-            const int j = k / 2, lane = 2 * i + k % 2;
-            words[j / 4][lane] |= static_cast<uint16_t>((q & 0x0F) << (4 * (j % 4)));
-            plane[j] |= static_cast<uint32_t>(q >> 4) << lane;
+          // q_k is byte k's low nibble (k < 16) or byte k - 16's high one; chunk c's word for
+          // lane 2i + e holds q_{8c + 2s + e} in nibble s: bytes 8 (c % 2) + 2s + e.
+          for (int c = 0; c < 4; ++c) {
+            const int shift = c < 2 ? 0 : 4, base = 8 * (c % 2);
+            for (int e = 0; e < 2; ++e) {
+              uint16_t word = 0;
+              for (int s4 = 0; s4 < 4; ++s4) {
+                word |= static_cast<uint16_t>(((src[base + 2 * s4 + e] >> shift) & 0x0F) << (4 * s4));
+              }
+              words[c][2 * i + e] = word;
+            }
+          }
+          if (q5) {  // bit k of the row's uint32 is q_k's fifth: step j's lanes 2i, 2i + 1
+            uint32_t high;
+            std::memcpy(&high, src + 16, sizeof(high));
+            for (int j = 0; j < 16; ++j) plane[j] |= ((high >> (2 * j)) & 3u) << (2 * i);
           }
         }
         uint8_t* dst = out + (p * groups + g) * P.group_bytes();
