@@ -33,7 +33,10 @@ CONTEXT = 1024
 # Set by `pytest --tensor-parallel-size N` (tests/conftest.py); a conftest is not importable by
 # name (tests/hostile has its own), so the variable is named here too.
 TENSOR_PARALLEL_ENV = "THRIFTY_TEST_TENSOR_PARALLEL_SIZE"
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+# Greedy answers are compared across one process and 2 ranks (`make test` runs this file on
+# both); "What is the capital of France?" opens on a near tie that 2 ranks' rounding can flip
+# (tests/test_tensor_parallel.py: QUESTION), this question on none.
+PARIS = [{"role": "user", "content": "Name the capital of France."}]
 COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
 
 
