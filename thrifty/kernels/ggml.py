@@ -82,8 +82,10 @@ def takes_panels() -> bool:
 
 def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`thrifty.quant.ggml.to_panels`, its bytes laid out by the compiled kernels."""
+    if not ggml.fits_panels(weight, scale):
+        raise ValueError("only q4 / q5 weights with rows in sixteens go in panels")
     fmt, _ = ggml.format_of(weight, scale)
-    packed = _extension().ggml_to_panels(weight, scale.float(), _FORMATS[fmt])
+    packed = _extension().ggml_to_panels(weight.contiguous(), _FORMATS[fmt])
     return packed, ggml.panel_scales(scale)
 
 

@@ -346,14 +346,16 @@ Layout check(const torch::Tensor& weight, const torch::Tensor& scale, int64_t fm
   return L;
 }
 
-void check_x(const Layout& L, const torch::Tensor& x, const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == L.K,
-                    "ggml: x is ", x.sizes(), " but the weight has ", L.K, " columns");
+// x (..., K) and the bias (N) of a weight with K columns and N rows, in either layout.
+void check_x(int64_t K, int64_t N, const torch::Tensor& x,
+             const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == K,
+                    "ggml: x is ", x.sizes(), " but the weight has ", K, " columns");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                     "ggml: x must be float32 or bfloat16");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
-                          bias->size(0) == L.N && bias->is_contiguous() && bias->device().is_cpu(),
+                          bias->size(0) == N && bias->is_contiguous() && bias->device().is_cpu(),
                       "ggml: bias must be a contiguous vector of out_features in x's dtype");
   }
 }
@@ -747,7 +749,7 @@ torch::Tensor ggml_gemv(const torch::Tensor& x, const torch::Tensor& weight,
                         const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
                         int64_t fmt, int64_t G) {
   const Layout L = check(weight, scale, fmt, G);
-  check_x(L, x, bias);
+  check_x(L.K, L.N, x, bias);
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
@@ -836,7 +838,7 @@ torch::Tensor ggml_gemm(const torch::Tensor& x, const torch::Tensor& weight,
                         const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
                         int64_t fmt, int64_t G) {
   const Layout L = check(weight, scale, fmt, G);
-  check_x(L, x, bias);
+  check_x(L.K, L.N, x, bias);
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, L.N}, x.options());
@@ -859,7 +861,7 @@ torch::Tensor ggml_gemm_i16(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
                             int64_t fmt, int64_t G) {
   const Layout L = check(weight, scale, fmt, G);
-  check_x(L, x, bias);
+  check_x(L.K, L.N, x, bias);
   TORCH_CHECK(L.K % 32 == 0, "the int16 GEMM needs K a multiple of 32");
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
@@ -945,9 +947,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& weight,
                            const torch::Tensor& scale, const std::optional<torch::Tensor>& bias,
                            int64_t fmt) {
   namespace P = ggml_panels;
-  TORCH_CHECK_VALUE(weight.device().is_cpu() && scale.device().is_cpu() && x.device().is_cpu(),
-                    "ggml: CPU tensors only");
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16, "ggml: a weight in panels takes bf16 x");
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && scale.device().is_cpu(), "ggml: CPU tensors only");
   const bool half = scale.scalar_type() == at::kHalf;
   TORCH_CHECK_VALUE((half || scale.scalar_type() == at::kFloat) && scale.dim() == 4 &&
                         scale.is_contiguous() && scale.size(2) == 2 && scale.size(3) == P::kRows,
@@ -959,14 +959,9 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& weight,
                         weight.size(1) == L.groups * L.group_bytes(),
                     "ggml: a weight in panels must be contiguous uint8 (panels, groups * ",
                     L.group_bytes(), ")");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == L.K, "ggml: x is ", x.sizes(),
-                    " but the weight has ", L.K, " columns");
   const int64_t N = L.panels * P::kRows;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 &&
-                          bias->size(0) == N && bias->is_contiguous() && bias->device().is_cpu(),
-                      "ggml: bias must be a contiguous vector of out_features in x's dtype");
-  }
+  check_x(L.K, N, x, bias);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16, "ggml: a weight in panels takes bf16 x");
   const torch::Tensor x2 = x.reshape({-1, L.K}).contiguous();
   const int64_t M = x2.size(0);
   torch::Tensor y = torch::empty({M, N}, x.options());
@@ -1007,14 +1002,18 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return shaped(y, x);
 }
 // A row-major q4 / q5 weight's bytes in panels (ggml_panels.h; the scales are the caller's).
-torch::Tensor ggml_to_panels(const torch::Tensor& weight, const torch::Tensor& scale, int64_t fmt) {
-  const Layout L = check(weight, scale, fmt, 32);
-  TORCH_CHECK_VALUE(fmt != kQ8 && L.N % ggml_panels::kRows == 0,
-                    "ggml: only q4 / q5 weights with rows in sixteens go in panels");
-  const ggml_panels::Panels P{fmt == kQ5, L.N / ggml_panels::kRows, L.groups, L.K};
+torch::Tensor ggml_to_panels(const torch::Tensor& weight, int64_t fmt) {
+  const int64_t group_bytes = fmt == kQ5 ? 20 : 16;
+  TORCH_CHECK_VALUE((fmt == kQ4 || fmt == kQ5) && weight.device().is_cpu() &&
+                        weight.scalar_type() == at::kByte && weight.dim() == 2 &&
+                        weight.is_contiguous() && weight.size(0) % ggml_panels::kRows == 0 &&
+                        weight.size(1) % group_bytes == 0,
+                    "ggml: only contiguous q4 / q5 weights with rows in sixteens go in panels");
+  const int64_t N = weight.size(0), groups = weight.size(1) / group_bytes;
+  const ggml_panels::Panels P{fmt == kQ5, N / ggml_panels::kRows, groups, groups * 32};
   torch::Tensor out = torch::empty({P.panels, P.groups * P.group_bytes()}, weight.options());
-  ggml_panels::to_panels(reinterpret_cast<const uint8_t*>(weight.data_ptr()), L.N, L.groups,
-                         P.q5, reinterpret_cast<uint8_t*>(out.data_ptr()));
+  ggml_panels::to_panels(reinterpret_cast<const uint8_t*>(weight.data_ptr()), N, groups, P.q5,
+                         reinterpret_cast<uint8_t*>(out.data_ptr()));
   return out;
 }
 #endif

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd.h"
+
 namespace ggml_panels {
 
 constexpr int kRows = 16;        // output rows per panel
@@ -64,6 +66,14 @@ inline __m512 load16(const uint16_t* s) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
 }
 
+// A panel's group scales (d and m of 16 rows: 64 or 128 bytes), kAhead / 2 bytes ahead.
+template <typename S>
+inline void prefetch_scales(const S* s) {
+  const char* ahead = reinterpret_cast<const char*>(s) + kAhead / 2;
+  _mm_prefetch(ahead, _MM_HINT_T0);
+  if constexpr (sizeof(S) == 4) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+}
+
 // y rows m0 .. m0 + MR - 1, columns of panels p0 .. p0 + NR - 1. Each output is summed in the
 // same order whatever MR and NR are, so a row of x gets the same y alone or in a batch.
 template <int MR, int NR, bool kQ5, typename S>
@@ -88,9 +98,7 @@ inline void micro(const Panels& P, const uint8_t* w, const S* scale, const uint1
     for (int r = 0; r < NR; ++r) {  // the streams' lines a group's chunks do not prefetch
       const char* qa = reinterpret_cast<const char*>(q[r] + g * gb + kAhead);
       if constexpr (kQ5) _mm_prefetch(qa + kGroupQ4, _MM_HINT_T0);
-      const char* sa = reinterpret_cast<const char*>(sc[r] + g * 2 * kRows) + kAhead / 2;
-      _mm_prefetch(sa, _MM_HINT_T0);
-      if constexpr (sizeof(S) == 4) _mm_prefetch(sa + 64, _MM_HINT_T0);
+      prefetch_scales(sc[r] + g * 2 * kRows);
     }
     for (int c = 0; c < 4; ++c) {
       __m512i v[NR];
@@ -130,11 +138,8 @@ inline void micro(const Panels& P, const uint8_t* w, const S* scale, const uint1
   }
   for (int r = 0; r < NR; ++r) {
     const int64_t n = (p0 + r) * kRows;
-    __m512 b = _mm512_setzero_ps();
-    if (bias != nullptr) {
-      b = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + n))), 16));
-    }
+    const __m512 b =
+        bias == nullptr ? _mm512_setzero_ps() : thrifty_simd::load_f32(bias + n, 0xFFFF);
     for (int m = 0; m < MR; ++m) {  // round to nearest even, as a float -> bf16 cast does
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + m) * N + n),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][r], b)));
@@ -238,12 +243,13 @@ void dequant(const Panels& P, const uint8_t* w, const S* scale, int64_t p0, int6
       for (int64_t j = 0; j < gb; j += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(q + kAhead + j), _MM_HINT_T0);
       }
-      _mm_prefetch(reinterpret_cast<const char*>(s) + kAhead / 2, _MM_HINT_T0);
-      if constexpr (sizeof(S) == 4) _mm_prefetch(reinterpret_cast<const char*>(s) + kAhead / 2 + 64, _MM_HINT_T0);
+      prefetch_scales(s);
       const __m512 d = load16(s), m = load16(s + kRows);
       // lanes 2i + e of a step are row i's: its d and m twice
-      const __m512 d_lo = _mm512_permutexvar_ps(rows_lo, d), d_hi = _mm512_permutexvar_ps(rows_hi, d);
-      const __m512 m_lo = _mm512_permutexvar_ps(rows_lo, m), m_hi = _mm512_permutexvar_ps(rows_hi, m);
+      const __m512 d_lo = _mm512_permutexvar_ps(rows_lo, d);
+      const __m512 d_hi = _mm512_permutexvar_ps(rows_hi, d);
+      const __m512 m_lo = _mm512_permutexvar_ps(rows_lo, m);
+      const __m512 m_hi = _mm512_permutexvar_ps(rows_hi, m);
       __m512i steps[16];
       for (int c = 0; c < 4; ++c) {
         const __m512i v = _mm512_loadu_si512(q + c * 64);
@@ -273,7 +279,7 @@ void dequant(const Panels& P, const uint8_t* w, const S* scale, int64_t p0, int6
 // A row-major q4 / q5 weight (ggml_gemv.cpp's layout: per group 16 bytes of nibbles, q5 then a
 // uint32 of fifth bits) in panels, as thrifty/quant/ggml.py's to_panels lays them out.
 inline void to_panels(const uint8_t* w, int64_t N, int64_t groups, bool q5, uint8_t* out) {
-  const int64_t row_bytes = groups * (q5 ? 20 : 16);
+  const int64_t group_row_bytes = q5 ? 20 : 16, row_bytes = groups * group_row_bytes;
   const Panels P{q5, N / kRows, groups, groups * 32};
   at::parallel_for(0, P.panels, 16, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -281,7 +287,7 @@ inline void to_panels(const uint8_t* w, int64_t N, int64_t groups, bool q5, uint
         uint16_t words[4][32];
         uint32_t plane[16] = {};
         for (int i = 0; i < kRows; ++i) {
-          const uint8_t* src = w + (p * kRows + i) * row_bytes + g * (q5 ? 20 : 16);
+          const uint8_t* src = w + (p * kRows + i) * row_bytes + g * group_row_bytes;
           // q_k is byte k's low nibble (k < 16) or byte k - 16's high one; chunk c's word for
           // lane 2i + e holds q_{8c + 2s + e} in nibble s: bytes 8 (c % 2) + 2s + e.
           for (int c = 0; c < 4; ++c) {
@@ -289,7 +295,8 @@ inline void to_panels(const uint8_t* w, int64_t N, int64_t groups, bool q5, uint
             for (int e = 0; e < 2; ++e) {
               uint16_t word = 0;
               for (int s4 = 0; s4 < 4; ++s4) {
-                word |= static_cast<uint16_t>(((src[base + 2 * s4 + e] >> shift) & 0x0F) << (4 * s4));
+                const int q = (src[base + 2 * s4 + e] >> shift) & 0x0F;
+                word |= static_cast<uint16_t>(q << (4 * s4));
               }
               words[c][2 * i + e] = word;
             }
@@ -310,14 +317,9 @@ inline void to_panels(const uint8_t* w, int64_t N, int64_t groups, bool q5, uint
 
 // x's sums per group of 32 (M, K / 32), in float32.
 inline void group_sums(const uint16_t* x, int64_t M, int64_t K, float* xsum) {
-  const int64_t groups = K / 32;
-  for (int64_t i = 0; i < M * groups; ++i) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * 32)));
-    const __m512i h2 =
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * 32 + 16)));
-    const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-    const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(h2, 16));
-    xsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  for (int64_t i = 0; i < M * (K / 32); ++i) {
+    xsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(thrifty_simd::load_f32(x + i * 32, 0xFFFF),
+                                                 thrifty_simd::load_f32(x + i * 32 + 16, 0xFFFF)));
   }
 }
 
